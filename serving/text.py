@@ -1,0 +1,214 @@
+"""Text preparation shared by training and serving: normalisation, language tags, tokenisation + truncation.
+
+This module is the single definition of how a message becomes model input. Training imports it; the
+server imports it; the bundle records its settings (`TextSettings`) so both sides agree. It depends on
+the standard library and (for `Encoder`) the `tokenizers` package only: never torch or transformers.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+# ------------------------------------------------------------------------------------------ normalisation
+
+# Zero-width and invisible format characters that spammers use to split words ("f\u200bree").
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad\u180e"))
+_WS = re.compile(r"\s+")
+_DIGIT = re.compile(r"[0-9]")
+
+
+def _strip_controls(text: str) -> str:
+    # Cc (controls) become spaces so "a\tb" stays two words; Cf (format) characters vanish.
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cc":
+            out.append(" ")
+        elif cat == "Cf":
+            continue
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def normalize(text: str, mask_digits: bool = False) -> str:
+    """NFKC (full-width -> half-width), HTML entities decoded, zero-width/control characters removed,
+    whitespace collapsed, optionally every ASCII digit masked as 'x'. CJK characters are left intact
+    (NFKC maps only compatibility forms such as half-width katakana to their standard form)."""
+    text = unicodedata.normalize("NFKC", text)
+    if "&" in text:
+        text = html.unescape(text)
+    text = text.translate(_INVISIBLE)
+    text = _strip_controls(text)
+    text = _WS.sub(" ", text).strip()
+    if mask_digits:
+        text = _DIGIT.sub("x", text)
+    return text
+
+
+# ------------------------------------------------------------------------------------------ language tag
+
+LANGS = ("zh", "ja", "ko", "en", "mixed", "other")
+
+
+def _script(ch: str) -> str | None:
+    o = ord(ch)
+    if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9D:
+        return "kana"
+    if 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
+        return "hangul"
+    if 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x2FA1F:
+        return "han"
+    if ch.isalpha():
+        if o < 0x250 or 0x1E00 <= o <= 0x1EFF:
+            return "latin"
+        return "other"
+    return None
+
+
+def language_tag(text: str) -> str:
+    """zh / ja / ko / en / mixed / other, by script (no statistical model).
+
+    Kana marks Japanese (which also uses Han), Hangul marks Korean, Han alone is Chinese, Latin is
+    English here (the corpora's only Latin-script language). A text whose letters are split between a
+    CJK language and Latin (each at least a quarter, counting a CJK character as two Latin letters since
+    one ideograph carries about a word) is "mixed"; no letters at all is "other".
+    """
+    counts = {"kana": 0, "hangul": 0, "han": 0, "latin": 0, "other": 0}
+    for ch in text:
+        s = _script(ch)
+        if s:
+            counts[s] += 1
+    cjk = counts["kana"] + counts["hangul"] + counts["han"]
+    if counts["kana"] and counts["kana"] >= 0.05 * cjk:
+        cjk_lang = "ja"
+    elif counts["hangul"] and counts["hangul"] >= counts["han"]:
+        cjk_lang = "ko"
+    elif counts["han"]:
+        cjk_lang = "zh"
+    else:
+        cjk_lang = None
+    weights = {"cjk": 2 * cjk, "latin": counts["latin"], "other": counts["other"]}
+    total = sum(weights.values())
+    if total == 0:
+        return "other"
+    if cjk_lang and weights["latin"] >= 0.25 * total and weights["cjk"] >= 0.25 * total:
+        return "mixed"
+    top = max(weights, key=weights.get)
+    if top == "cjk":
+        return cjk_lang  # type: ignore[return-value]
+    return "en" if top == "latin" else "other"
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """Everything that turns raw text into model input; written to bundle.json and read back by serving."""
+
+    mask_digits: bool = True
+    max_length: int = 128
+    truncation: str = "head"  # head | head_tail
+    head_tokens: int = 0  # head_tail: tokens of the head (0 = two thirds of the content budget)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextSettings":
+        return cls(**{k: d[k] for k in ("mask_digits", "max_length", "truncation", "head_tokens") if k in d})
+
+    def __post_init__(self):
+        if self.truncation not in ("head", "head_tail"):
+            raise ValueError(f"truncation must be 'head' or 'head_tail', got {self.truncation!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8, got {self.max_length}")
+
+
+# ------------------------------------------------------------------------------------------ encoder
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    truncated: bool
+
+
+class Encoder:
+    """Tokenise normalised text with a `tokenizers.Tokenizer` (a tokenizer.json) and apply the truncation
+    policy on token ids, then add the special tokens. Training and serving both call this, so a message is
+    cut the same way everywhere.
+
+    head:      the first max_length-2 content tokens.
+    head_tail: the first `head_tokens` and the last (budget - head_tokens) content tokens: spam often
+               hides its call to action (link, number, unsubscribe line) at the end of a long e-mail.
+    """
+
+    def __init__(self, tokenizer, settings: TextSettings):
+        self.tok = tokenizer
+        self.settings = settings
+        self.budget = settings.max_length - 2
+        self.head = settings.head_tokens or (2 * self.budget) // 3
+        if settings.truncation == "head_tail" and not 0 < self.head <= self.budget:
+            raise ValueError(f"head_tokens must be in 1..{self.budget}")
+        self.cls_id, self.sep_id, self.pad_id = self._special_ids()
+        # Characters beyond this never reach the model: cap them before tokenising a 200 kB e-mail.
+        self.char_cap = 12 * settings.max_length
+
+    @classmethod
+    def from_file(cls, path: str, settings: TextSettings) -> "Encoder":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)), settings)
+
+    def _special_ids(self) -> tuple[int, int, int]:
+        vocab = self.tok.get_vocab()
+
+        def first(*names):
+            for n in names:
+                if n in vocab:
+                    return vocab[n]
+            raise ValueError(f"tokenizer has none of the special tokens {names}")
+
+        return first("<s>", "[CLS]"), first("</s>", "[SEP]"), first("<pad>", "[PAD]")
+
+    def _cap_chars(self, text: str) -> str:
+        if len(text) <= self.char_cap:
+            return text
+        if self.settings.truncation == "head":
+            return text[: self.char_cap]
+        half = self.char_cap // 2
+        return text[:half] + " " + text[-half:]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Encoded]:
+        """`texts` must already be normalised (see `normalize`)."""
+        raw = self.tok.encode_batch([self._cap_chars(t) for t in texts], add_special_tokens=False)
+        out = []
+        for t, enc in zip(texts, raw):
+            ids = enc.ids
+            truncated = len(ids) > self.budget or len(t) > self.char_cap
+            if len(ids) > self.budget:
+                if self.settings.truncation == "head":
+                    ids = ids[: self.budget]
+                else:
+                    ids = ids[: self.head] + ids[len(ids) - (self.budget - self.head):]
+            out.append(Encoded([self.cls_id, *ids, self.sep_id], truncated))
+        return out
+
+    def pad(self, batch: Iterable[Encoded]):
+        """Right-pad to the longest sequence in the batch (dynamic padding). Returns numpy int64 arrays."""
+        import numpy as np
+
+        batch = list(batch)
+        width = max(len(e.input_ids) for e in batch)
+        ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, e in enumerate(batch):
+            ids[i, : len(e.input_ids)] = e.input_ids
+            mask[i, : len(e.input_ids)] = 1
+        return ids, mask
