@@ -1,0 +1,156 @@
+"""training.compare against a real MLflow store (sqlite in a temp dir) holding a few tiny runs.
+
+The runs' metrics are computed by training.metrics from synthetic scores and logged under their real
+MLflow names, so the test breaks if compare stops reading what training writes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from training import compare  # noqa: E402
+from training.metrics import grouped_metrics, metric_name, to_mlflow_metrics  # noqa: E402
+
+PARAMS = {"data.seed": "13", "train.batch_size": "32", "model.backbone": "tiny", "train.learning_rate": "0.001"}
+
+
+def _scores(rng, y, noise):
+    return np.clip(0.5 * y + 0.25 + rng.normal(0, noise, size=y.size), 0, 1)
+
+
+def _log_run(client, exp_id, name, kind, params, noise, seed, finish=True):
+    rng = np.random.default_rng(seed)
+    n = 240
+    y = rng.integers(0, 2, size=n)
+    source = np.array(["uci_sms", "zh_sms", "enron"] * (n // 3))
+    lang = np.where(source == "zh_sms", "zh", "en")
+    grouped = grouped_metrics(y, _scores(rng, y, noise), 0.5, {"source": source, "lang": lang})
+    run = client.create_run(exp_id, run_name=name, tags={"spamlingo.kind": kind})
+    rid = run.info.run_id
+    for k, v in params.items():
+        client.log_param(rid, k, v)
+    metrics = to_mlflow_metrics(grouped, "test") | {"threshold": 0.5, "model/size_mb": 1.5, "model/parameters": 1234567}
+    for k, v in metrics.items():
+        client.log_metric(rid, k, v)
+    if finish:
+        client.set_terminated(rid)
+    return rid, metrics
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("spamlingo-test")
+    other = client.create_experiment("spamlingo-other")
+    runs = {
+        "tiny-lr3": _log_run(client, exp, "tiny-lr3", "transformer", PARAMS, noise=0.15, seed=1),
+        "tiny-lr4": _log_run(client, exp, "tiny-lr4", "transformer",
+                             PARAMS | {"train.learning_rate": "0.0001"}, noise=0.35, seed=2),
+        "unfinished": _log_run(client, exp, "unfinished", "transformer", PARAMS, noise=0.1, seed=3, finish=False),
+        "tfidf": _log_run(client, other, "tfidf", "baseline", PARAMS, noise=0.3, seed=4),
+    }
+    return uri, runs
+
+
+def _run(store, tmp_path, capsys, *args):
+    uri, _ = store
+    compare.main(["--tracking-uri", uri, "--out", str(tmp_path / "out"), *args])
+    return capsys.readouterr().out
+
+
+def test_table_shows_runs_differing_key_and_best(store, tmp_path, capsys):
+    _, runs = store
+    out = _run(store, tmp_path, capsys, "--experiment", "spamlingo-test")
+    table = out.split("\n\n")[0]
+    assert "tiny-lr3" in table and "tiny-lr4" in table
+    assert "unfinished" not in out and "tfidf" not in out  # not finished / other experiment
+    header = table.splitlines()[1]
+    assert "train.learning_rate" in header
+    for same in ("data.seed", "train.batch_size", "model.backbone"):
+        assert same not in out
+    assert "0.0001" in table and "0.001" in table
+    # The best run is the one whose logged F1 is higher, marked in its row and named on the best line.
+    f1 = {name: runs[name][1][metric_name("test", "overall", "f1")] for name in ("tiny-lr3", "tiny-lr4")}
+    best = max(f1, key=f1.get)
+    best_row = next(line for line in table.splitlines() if best in line)
+    assert best_row.startswith("*")
+    assert f"best by test/overall/f1: {best}" in out
+    assert f"{f1[best]:.4f}" in best_row
+    # Breakdowns per source and per language, from the logged `test/source.<name>/...` metrics.
+    assert "per source and per language" in out
+    for col in ("uci_sms", "zh_sms", "enron", "lang zh", "lang en"):
+        assert col in out
+    assert f"{runs[best][1][metric_name('test', 'source=zh_sms', 'pr_auc')]:.4f}" in out
+
+    md = (tmp_path / "out" / "compare.md").read_text(encoding="utf-8")
+    assert f"**{best}**" in md and "tiny-lr4" in md and "train.learning_rate" in md and "data.seed" not in md
+    assert "![" in md and "compare.png" in md
+    png = (tmp_path / "out" / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert str(tmp_path / "out" / "compare.md") in out or "compare.md" in out.splitlines()[-2]
+
+
+def test_metric_choice_and_lower_is_better(store, tmp_path, capsys):
+    _, runs = store
+    key = metric_name("test", "overall", "fpr")
+    out = _run(store, tmp_path, capsys, "--experiment", "spamlingo-test", "--metric", key)
+    vals = {n: runs[n][1][key] for n in ("tiny-lr3", "tiny-lr4")}
+    assert f"best by {key}: {min(vals, key=vals.get)}" in out
+
+
+def test_filters_by_tag_and_run_ids(store, tmp_path, capsys):
+    _, runs = store
+    out = _run(store, tmp_path, capsys, "--tag", "spamlingo.kind=baseline")
+    assert "tfidf" in out and "tiny-lr3" not in out and "baseline" in out
+
+    # Every experiment when none is named; a baseline is a row like any other.
+    out = _run(store, tmp_path, capsys)
+    for name in ("tiny-lr3", "tiny-lr4", "tfidf"):
+        assert name in out
+    assert "experiment" in out.splitlines()[1]
+
+    lr3, tfidf = runs["tiny-lr3"][0], runs["tfidf"][0]
+    out = _run(store, tmp_path, capsys, "--runs", f"{lr3[:10]},tfidf")
+    table = out.split("\n\n")[0]
+    assert "tiny-lr3" in table and "tfidf" in table and "tiny-lr4" not in table
+    assert tfidf[:8] in table
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--experiment", "nope"], "no MLflow experiment named 'nope'"),
+        (["--tag", "spamlingo.kind=distilled"], "no finished runs matching spamlingo.kind=distilled"),
+        (["--runs", "zzzz-no-such-run"], "no run with id, id prefix or name 'zzzz-no-such-run'"),
+        (["--metric", "test/overall/bogus"], "no selected run logged the metric 'test/overall/bogus'"),
+        (["--tag", "novalue"], "is not of the form key=value"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(store, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        _run(store, tmp_path, capsys, *args)
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_or_empty_store(tmp_path, capsys):
+    missing = tmp_path / "nothing" / "mlflow.db"
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp_path / "o")])
+    assert e.value.code != 0
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not missing.exists()  # looking must not create a store
+
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    mlflow.MlflowClient(tracking_uri=empty).search_experiments()  # creates the tables, no runs
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--tracking-uri", empty, "--out", str(tmp_path / "o")])
+    assert e.value.code != 0
+    assert "no finished runs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
