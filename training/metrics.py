@@ -1,0 +1,270 @@
+"""Classification metrics for spam scores: threshold choice, per-group metrics, tables, MLflow names.
+
+numpy + scikit-learn only, so training, evaluation, the baseline and the benchmarks score alike.
+
+Conventions
+- `p_spam` is the spam probability; a message is flagged spam iff `p_spam >= threshold` (as in serving).
+- A ratio that is 0/0 is NaN, never a made-up 0 or 1: a group with no spam has no recall, a group with one
+  class has no ROC AUC. Nothing here raises on such groups.
+- `grouped_metrics` keys are scopes: "overall", "source=<corpus>", "lang=<tag>". MLflow does not allow '='
+  in metric names, so `to_mlflow_metrics` writes a scope as "source.<corpus>" / "lang.<tag>":
+  `test/overall/f1`, `test/source.uci_sms/recall_at_fpr_1pct`, `val/lang.zh/pr_auc`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+# The metrics logged for every scope (DESIGN §4), in table order.
+METRIC_NAMES = (
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "fpr",
+    "recall_at_fpr_1pct",
+    "recall_at_fpr_0.1pct",
+)
+# Counts logged beside them, so a per-source number can be read with its sample size.
+COUNT_NAMES = ("support", "positives")
+THRESHOLD_RULES = ("best_f1", "max_recall_at_fpr")
+
+
+class ThresholdWarning(UserWarning):
+    """The threshold rule could not be met on validation; a fallback threshold was used."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _arrays(y_true, p_spam) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(p_spam, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y_true has {y.size} values but p_spam has {p.size}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (ham) or 1 (spam), got {sorted(set(np.unique(y).tolist()))}")
+    if not np.isfinite(p).all():
+        raise ValueError("p_spam contains NaN or infinite values")
+    return y, p
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den else math.nan
+
+
+def recall_at_fpr(y_true, p_spam, max_fpr: float) -> float:
+    """The highest recall reachable by any threshold whose false-positive rate is <= `max_fpr`
+    (threshold-free operating point; NaN when a class is missing). With fewer than 1/max_fpr ham rows
+    this is the recall with zero false positives."""
+    y, p = _arrays(y_true, p_spam)
+    if y.min(initial=1) == y.max(initial=0):
+        return math.nan
+    fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
+    ok = fpr <= max_fpr + 1e-12
+    return float(tpr[ok].max())
+
+
+# ------------------------------------------------------------------------------------------ threshold
+
+
+def _lower_midpoint(scores_desc: np.ndarray, t: float) -> float:
+    """Half-way between score `t` and the next lower distinct validation score: flags exactly the same
+    validation rows as `t`, but a score that moves by float rounding (PyTorch vs ONNX, fp32 vs int8) no
+    longer flips its label. The lowest score is returned as is."""
+    lower = scores_desc[scores_desc < t]
+    return float((t + lower[0]) / 2.0) if lower.size else float(t)
+
+
+def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01) -> dict:
+    """Choose the decision threshold on validation scores and say how.
+
+    Rules
+    - "best_f1": the threshold with the highest F1 (ties: the higher threshold, fewer false alarms).
+    - "max_recall_at_fpr": the highest recall whose validation FPR is <= `target_fpr` (ties: the higher
+      threshold). When no threshold that flags any spam meets the target (e.g. the top-scored message is
+      ham), it falls back to the lowest-FPR threshold that flags something and says so (`met=False`,
+      `note`, plus a `ThresholdWarning`).
+    A validation set with one class only cannot rank anything: 0.5 is returned with a warning.
+
+    Returns {"threshold", "rule", "target_fpr", "met": bool, "note": str, "val_precision", "val_recall",
+    "val_fpr", "val_f1"} where the val_* values are measured at the returned threshold.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    y, p = _arrays(y_true, p_spam)
+    out = {"rule": rule, "target_fpr": float(target_fpr), "met": True, "note": ""}
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if pos == 0 or neg == 0:
+        threshold = 0.5
+        out.update(met=False, note=f"validation has {pos} spam and {neg} ham rows: no threshold can be "
+                                   f"chosen, using {threshold}")
+    else:
+        # One candidate per distinct score: flag every row scoring >= it.
+        fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+        finite = np.isfinite(thr)  # drop roc_curve's leading +inf (flags nothing)
+        fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
+        tp = tpr * pos
+        fp = fpr * neg
+        if rule == "best_f1":
+            f1 = 2 * tp / (2 * tp + fp + (pos - tp))
+            best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
+            i = int(best[0])  # thresholds are descending: the first tie is the highest threshold
+        else:
+            feasible = np.flatnonzero((fpr <= target_fpr + 1e-12) & (tpr > 0))
+            if feasible.size:
+                best_tpr = tpr[feasible].max()
+                i = int(feasible[np.isclose(tpr[feasible], best_tpr, rtol=0, atol=1e-12)][0])
+            else:
+                lowest = np.isclose(fpr, fpr.min(), rtol=0, atol=1e-12)
+                i = int(np.flatnonzero(lowest & (tpr == tpr[lowest].max()))[0])
+                out.update(met=False, note=(
+                    f"no threshold reaches FPR <= {target_fpr:g} on validation ({neg} ham rows); using the "
+                    f"lowest-FPR threshold instead (FPR {fpr[i]:.4f}, recall {tpr[i]:.4f})"))
+        scores_desc = np.unique(p)[::-1]
+        threshold = _lower_midpoint(scores_desc, float(thr[i]))
+    if out["note"]:
+        warnings.warn(out["note"], ThresholdWarning, stacklevel=3)
+    m = binary_metrics(y, p, threshold)
+    out.update(threshold=float(threshold), val_precision=m["precision"], val_recall=m["recall"],
+               val_fpr=m["fpr"], val_f1=m["f1"])
+    return out
+
+
+def choose_threshold(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01) -> float:
+    """The threshold of `threshold_choice` (see there): spam iff p_spam >= threshold."""
+    return threshold_choice(y_true, p_spam, rule, target_fpr)["threshold"]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def binary_metrics(y_true, p_spam, threshold: float) -> dict:
+    """Metrics of one group at `threshold`.
+
+    Returns {"support", "positives", "negatives", "tp", "fp", "tn", "fn", "threshold", "precision",
+    "recall", "f1", "fpr", "accuracy", "roc_auc", "pr_auc" (average precision), "recall_at_fpr_1pct",
+    "recall_at_fpr_0.1pct"}; counts are ints, the rest floats, NaN where undefined.
+    """
+    y, p = _arrays(y_true, p_spam)
+    pred = p >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+    tn = int(np.sum(~pred & (y == 0)))
+    pos, neg = tp + fn, fp + tn
+    two_classes = pos > 0 and neg > 0
+    return {
+        "support": int(y.size),
+        "positives": pos,
+        "negatives": neg,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "threshold": float(threshold),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, pos),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "fpr": _ratio(fp, neg),
+        "accuracy": _ratio(tp + tn, y.size),
+        "roc_auc": float(roc_auc_score(y, p)) if two_classes else math.nan,
+        "pr_auc": float(average_precision_score(y, p)) if two_classes else math.nan,
+        "recall_at_fpr_1pct": recall_at_fpr(y, p, 0.01) if two_classes else math.nan,
+        "recall_at_fpr_0.1pct": recall_at_fpr(y, p, 0.001) if two_classes else math.nan,
+    }
+
+
+def grouped_metrics(y_true, p_spam, threshold: float, groups: Mapping[str, Sequence] | None = None) -> dict:
+    """`binary_metrics` overall and for every value of every grouping.
+
+    groups: {"source": per-row corpus names, "lang": per-row language tags, ...} (each as long as y).
+    Returns {"overall": {...}, "source=enron": {...}, "source=uci_sms": {...}, "lang=en": {...}, ...}
+    with groupings in the given order and values sorted.
+    """
+    y, p = _arrays(y_true, p_spam)
+    out = {"overall": binary_metrics(y, p, threshold)}
+    for name, values in (groups or {}).items():
+        v = np.asarray(values, dtype=object).ravel()
+        if v.size != y.size:
+            raise ValueError(f"group '{name}' has {v.size} values for {y.size} rows")
+        for value in sorted({str(x) for x in v}):
+            mask = np.array([str(x) == value for x in v], dtype=bool)
+            out[f"{name}={value}"] = binary_metrics(y[mask], p[mask], threshold)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+_TABLE_COLUMNS = (
+    ("support", "rows"),
+    ("positives", "spam"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("f1", "F1"),
+    ("fpr", "FPR"),
+    ("roc_auc", "ROC AUC"),
+    ("pr_auc", "PR AUC"),
+    ("recall_at_fpr_1pct", "R@1%FPR"),
+    ("recall_at_fpr_0.1pct", "R@0.1%FPR"),
+)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def metrics_table(grouped: Mapping[str, Mapping]) -> str:
+    """A markdown table, one row per scope ("n/a" where a metric is undefined for that group)."""
+    lines = [
+        "| scope | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
+        "|---|" + "---:|" * len(_TABLE_COLUMNS),
+    ]
+    for scope, m in grouped.items():
+        lines.append(f"| {scope} | " + " | ".join(_fmt(m.get(key)) for key, _ in _TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_BAD_NAME_CHARS = re.compile(r"[^\w.\- /]")
+
+
+def mlflow_scope(scope: str) -> str:
+    """"source=uci_sms" -> "source.uci_sms"; any character MLflow rejects in a metric name -> '_'."""
+    name = _BAD_NAME_CHARS.sub("_", scope.replace("=", ".", 1).replace("/", "_"))
+    return name.strip(". ") or "_"
+
+
+def metric_name(split: str, scope: str, metric: str) -> str:
+    """The MLflow metric name `<split>/<scope>/<metric>` ("validation" is written "val")."""
+    split = "val" if split == "validation" else split
+    return f"{split}/{mlflow_scope(scope)}/{metric}"
+
+
+def to_mlflow_metrics(grouped: Mapping[str, Mapping], split: str, counts: bool = True) -> dict[str, float]:
+    """{"test/overall/f1": 0.97, "test/source.uci_sms/recall": 0.95, ...} for `mlflow.log_metrics`.
+
+    The METRIC_NAMES of every scope (plus `support`/`positives` when `counts`); undefined (NaN) values
+    are left out rather than logged as NaN.
+    """
+    names = METRIC_NAMES + (COUNT_NAMES if counts else ())
+    out = {}
+    for scope, m in grouped.items():
+        for metric in names:
+            value = m.get(metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            out[metric_name(split, scope, metric)] = float(value)
+    return out
