@@ -184,6 +184,7 @@ def start_run(
     config_path: str | Path | None = None,
     data_hash: str | None = None,
     tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Any]:
     """Open an MLflow run in cfg.tracking's experiment and yield the `mlflow.ActiveRun`.
 
@@ -192,6 +193,9 @@ def start_run(
     prepared; `tag_data` sets it later), `version.<package>`; params flatten(cfg); artifact config.yaml.
     On exit: FINISHED; on an exception FAILED (KILLED on Ctrl-C) with tag `spamlingo.error` and artifact
     `error.txt` (the traceback), and the exception is re-raised.
+    run_id: continue that run (train.resume) instead of opening a new one. Params it already has keep
+    their value (MLflow forbids changing one); the keys whose value differs now are listed in tag
+    `spamlingo.resume_changed`. An id unknown to the store opens a new run (with a message).
     """
     import mlflow
 
@@ -206,10 +210,28 @@ def start_run(
         all_tags["data_hash"] = data_hash
     all_tags.update({f"version.{k}": v for k, v in package_versions().items()})
     all_tags.update(tags or {})
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name or cfg.tracking.run_name or None,
-                           tags=all_tags)
+    params = params_of(cfg)
+    if run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            old = _client().get_run(run_id)
+        except MlflowException:
+            print(f"MLflow run {run_id} is not in {tracking_uri(cfg)}: logging to a new run", file=sys.stderr)
+            run_id = None
+        else:
+            changed = sorted(k for k, v in params.items() if k in old.data.params and old.data.params[k] != v)
+            params = {k: v for k, v in params.items() if k not in old.data.params}
+            if changed:
+                all_tags["spamlingo.resume_changed"] = _tag_value(",".join(changed))
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, tags=all_tags)
+    else:
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name or cfg.tracking.run_name or None,
+                               tags=all_tags)
     try:
-        mlflow.log_params(params_of(cfg))
+        if params:
+            mlflow.log_params(params)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(save_resolved(cfg, tmp)))
         yield run
