@@ -1,7 +1,8 @@
-"""training.compare against a real MLflow store (sqlite in a temp dir) holding a few tiny runs.
+"""training.compare against a real MLflow store (SQLite in a temp dir) holding a few tiny runs.
 
-The runs' metrics are computed by training.metrics from synthetic scores and logged under their real
-MLflow names, so the test breaks if compare stops reading what training writes.
+The runs are opened with training.tracking.start_run (params = the flattened config) and scored with
+training.tracking.log_evaluation on synthetic predictions, so the test breaks if compare stops reading
+what training writes.
 """
 
 from __future__ import annotations
@@ -11,50 +12,50 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from training import compare  # noqa: E402
-from training.metrics import grouped_metrics, metric_name, to_mlflow_metrics  # noqa: E402
-
-PARAMS = {"data.seed": "13", "train.batch_size": "32", "model.backbone": "tiny", "train.learning_rate": "0.001"}
-
-
-def _scores(rng, y, noise):
-    return np.clip(0.5 * y + 0.25 + rng.normal(0, noise, size=y.size), 0, 1)
+from training import compare, tracking  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.metrics import metric_name  # noqa: E402
 
 
-def _log_run(client, exp_id, name, kind, params, noise, seed, finish=True):
+def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True):
+    """One run through the real tracking path; returns (run id, its logged metrics)."""
+    cfg = load_config("configs/smoke.yaml", [f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}",
+                                            *overrides])
     rng = np.random.default_rng(seed)
     n = 240
     y = rng.integers(0, 2, size=n)
+    p = np.clip(0.5 * y + 0.25 + rng.normal(0, noise, size=n), 0, 1)
     source = np.array(["uci_sms", "zh_sms", "enron"] * (n // 3))
-    lang = np.where(source == "zh_sms", "zh", "en")
-    grouped = grouped_metrics(y, _scores(rng, y, noise), 0.5, {"source": source, "lang": lang})
-    run = client.create_run(exp_id, run_name=name, tags={"spamlingo.kind": kind})
-    rid = run.info.run_id
-    for k, v in params.items():
-        client.log_param(rid, k, v)
-    metrics = to_mlflow_metrics(grouped, "test") | {"threshold": 0.5, "model/size_mb": 1.5, "model/parameters": 1234567}
-    for k, v in metrics.items():
-        client.log_metric(rid, k, v)
-    if finish:
-        client.set_terminated(rid)
-    return rid, metrics
+    groups = {"source": source, "lang": np.where(source == "zh_sms", "zh", "en")}
+    if not finish:  # a run still going (or crashed without closing): compare must skip it
+        tracking.setup(cfg)
+        run = mlflow.start_run(run_name=name, tags={"spamlingo.kind": kind})
+        mlflow.log_metrics({"test/overall/f1": 1.0})
+        rid = run.info.run_id
+        mlflow.end_run("RUNNING")
+        return rid, {}
+    with tracking.start_run(cfg, kind, run_name=name) as run:
+        tracking.log_evaluation(y, p, 0.5, groups, "test", plots=False)
+        mlflow.log_metrics({"model/size_mb": 1.5, "model/parameters": 1234567})
+        rid = run.info.run_id
+    return rid, dict(mlflow.MlflowClient(uri).get_run(rid).data.metrics)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("spamlingo-test")
-    other = client.create_experiment("spamlingo-other")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    exp = "spamlingo-test"
     runs = {
-        "tiny-lr3": _log_run(client, exp, "tiny-lr3", "transformer", PARAMS, noise=0.15, seed=1),
-        "tiny-lr4": _log_run(client, exp, "tiny-lr4", "transformer",
-                             PARAMS | {"train.learning_rate": "0.0001"}, noise=0.35, seed=2),
-        "unfinished": _log_run(client, exp, "unfinished", "transformer", PARAMS, noise=0.1, seed=3, finish=False),
-        "tfidf": _log_run(client, other, "tfidf", "baseline", PARAMS, noise=0.3, seed=4),
+        "tiny-lr3": _log_run(uri, exp, "tiny-lr3", "transformer", [], noise=0.15, seed=1),
+        "tiny-lr4": _log_run(uri, exp, "tiny-lr4", "transformer", ["train.learning_rate=0.0001"], 0.35, seed=2),
+        "unfinished": _log_run(uri, exp, "unfinished", "transformer", [], noise=0.1, seed=3, finish=False),
+        "tfidf": _log_run(uri, "spamlingo-other", "tfidf", "baseline", [], noise=0.3, seed=4),
     }
-    return uri, runs
+    yield uri, runs
+    mp.undo()
 
 
 def _run(store, tmp_path, capsys, *args):
@@ -71,7 +72,7 @@ def test_table_shows_runs_differing_key_and_best(store, tmp_path, capsys):
     assert "unfinished" not in out and "tfidf" not in out  # not finished / other experiment
     header = table.splitlines()[1]
     assert "train.learning_rate" in header
-    for same in ("data.seed", "train.batch_size", "model.backbone"):
+    for same in ("data.seed", "train.batch_size", "model.backbone", "train.epochs"):
         assert same not in out
     assert "0.0001" in table and "0.001" in table
     # The best run is the one whose logged F1 is higher, marked in its row and named on the best line.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,22 +78,10 @@ def lower_is_better(metric: str) -> bool:
 
 
 def default_tracking_uri() -> str:
-    """The store training writes to: training.tracking's resolution, else $MLFLOW_TRACKING_URI / ./mlruns."""
-    try:
-        from training import tracking
-    except ImportError:
-        tracking = None
-    for name in ("tracking_uri", "default_tracking_uri", "resolve_tracking_uri", "get_tracking_uri"):
-        fn = getattr(tracking, name, None)
-        if callable(fn):
-            try:
-                return str(fn())
-            except TypeError:  # needs a config: fall through to the documented default
-                break
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
+    """The store training writes to ($MLFLOW_TRACKING_URI, else the embedded store under ./mlruns)."""
+    from training.tracking import tracking_uri
+
+    return tracking_uri()
 
 
 def _local_store_missing(uri: str) -> str | None:
