@@ -48,10 +48,24 @@ def _tracking_cfg(cfg: Config | TrackingConfig | None) -> TrackingConfig:
     return cfg.tracking if isinstance(cfg, Config) else cfg
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), so after `setup` the variable
+# may hold our own choice rather than the user's: remember both to keep the precedence right when one
+# process sets up several configs (tests, compare).
+_LAST_SET: str | None = None
+_USER_ENV_AT_SET: str | None = None
+
+
+def _user_env_uri() -> str | None:
+    env = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if env is not None and env == _LAST_SET:
+        return _USER_ENV_AT_SET
+    return env
+
+
 def tracking_uri(tracking_cfg: Config | TrackingConfig | None = None) -> str:
     """$MLFLOW_TRACKING_URI, else tracking.tracking_uri (a bare path is relative to the repository root),
     else sqlite:///<repo>/mlruns/mlflow.db."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or _tracking_cfg(tracking_cfg).tracking_uri
+    uri = _user_env_uri() or _tracking_cfg(tracking_cfg).tracking_uri
     if not uri:
         return f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
     if "://" not in uri and not uri.startswith("file:"):
@@ -86,7 +100,10 @@ def setup(tracking_cfg: Config | TrackingConfig | None = None) -> str:
     db = _sqlite_path(uri)
     if db is not None and str(db) not in ("", ":memory:"):
         db.parent.mkdir(parents=True, exist_ok=True)
+    global _LAST_SET, _USER_ENV_AT_SET
+    _USER_ENV_AT_SET = _user_env_uri()
     mlflow.set_tracking_uri(uri)
+    _LAST_SET = uri
     client = MlflowClient()
     name = tcfg.experiment or "spamlingo"
     try:
