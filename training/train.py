@@ -1,0 +1,731 @@
+"""Fine-tune the backbone of a config on the prepared data, pick the threshold, evaluate, log to MLflow.
+
+    python -m training.train --config configs/default.yaml [key=value ...]        # make train
+    torchrun --nproc_per_node 2 -m training.train --config ...                    # data parallel (DDP)
+
+Steps: prepare the data if needed -> cap the training rows (train.max_rows_per_source / max_train_rows)
+-> build the backbone (vocabulary trimmed to the training texts) -> tokenise through serving.text.Encoder
+(the same truncation as export and serving) -> Hugging Face Trainer with dynamic padding, length-grouped
+batches, class balancing, best checkpoint by validation PR-AUC and early stopping -> on rank 0: threshold
+chosen on the whole validation split, the model directory (docs/DESIGN.md §3), test evaluation, MLflow.
+
+Checkpoints go to `<train.output_dir>/checkpoints`; `train.resume=true` continues from the newest complete
+one (and the same MLflow run). Under torchrun every rank trains; only rank 0 logs and writes outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+RUN_ID_FILE = "mlflow_run_id.txt"  # lets `train.resume=true` continue the interrupted MLflow run
+FORMAT_VERSION = 1
+BALANCE_CHOICES = ("weighted_loss", "sampler", "none")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path | None  # None on ranks other than 0
+    run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    global_step: int = 0
+    resumed_from_step: int | None = None  # the checkpoint step a resumed run started from
+    samples_per_second: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def _capped_indices(labels: list[int], n: int, seed: int, scope: str) -> list[int]:
+    """Indices of at most `n` rows, label proportions kept (training.data.cap_rows), original order."""
+    import random
+
+    from training.data import cap_rows as cap_records
+
+    records = [{"label": y, "i": i} for i, y in enumerate(labels)]
+    # A string seed is hashed stably by `random`: the same rows in every process and every run.
+    return [r["i"] for r in cap_records(records, n, random.Random(f"{seed}:{scope}"))]
+
+
+def cap_training_rows(ds, max_rows_per_source: int, max_train_rows: int, seed: int):
+    """Cap the training split per source, then overall, stratified by label and seeded. Validation and
+    test are never capped here, so runs on one prepared dataset are scored on the same rows."""
+    if max_rows_per_source < 0 or max_train_rows < 0:
+        raise ConfigError("train.max_rows_per_source and train.max_train_rows must be >= 0 (0 = no cap)")
+    if max_rows_per_source:
+        sources, labels = ds["source"], ds["label"]
+        keep: list[int] = []
+        for src in sorted(set(sources)):
+            rows = [i for i, s in enumerate(sources) if s == src]
+            picked = _capped_indices([labels[i] for i in rows], max_rows_per_source, seed, f"train:{src}")
+            keep.extend(rows[j] for j in picked)
+        ds = ds.select(sorted(keep))
+    if max_train_rows:
+        ds = ds.select(_capped_indices(ds["label"], max_train_rows, seed, "train"))
+    return ds
+
+
+def cap_eval_rows(ds, n: int, seed: int):
+    """At most `n` validation rows (0 = all), stratified by label: what the per-epoch evaluation scores."""
+    if n < 0:
+        raise ConfigError("train.max_eval_rows must be >= 0 (0 = every validation row)")
+    return ds.select(_capped_indices(ds["label"], n, seed, "validation")) if n else ds
+
+
+# ------------------------------------------------------------------------------------------ tokens
+
+
+def text_settings(cfg: Config):
+    from serving.text import TextSettings
+
+    m = cfg.model
+    try:
+        return TextSettings(mask_digits=cfg.data.mask_digits, max_length=m.max_length,
+                            truncation=m.truncation, head_tokens=m.head_tokens)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+class EncodedDataset:
+    """Token ids (special tokens included, already truncated) and labels; padding happens per batch."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[int]):
+        self.input_ids = input_ids
+        self.labels = labels
+        self.lengths = [len(x) for x in input_ids]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+    def sorted_by_length(self) -> "EncodedDataset":
+        # Evaluation order does not change the metrics; sorted, each batch pads to almost nothing.
+        order = sorted(range(len(self)), key=self.lengths.__getitem__)
+        return EncodedDataset([self.input_ids[i] for i in order], [self.labels[i] for i in order])
+
+
+def encode(encoder, texts: list[str], labels: list[int], desc: str, show: bool = True) -> EncodedDataset:
+    from tqdm.auto import tqdm
+
+    ids: list[list[int]] = []
+    chunk = 2048
+    for start in tqdm(range(0, len(texts), chunk), desc=f"tokenising {desc}", unit="chunk",
+                      disable=not show or len(texts) <= chunk):
+        ids.extend(e.input_ids for e in encoder.encode_batch(texts[start:start + chunk]))
+    return EncodedDataset(ids, list(labels))
+
+
+class Collator:
+    """Dynamic padding through `Encoder.pad`: each batch is as wide as its longest row."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        from serving.text import Encoded
+
+        ids, mask = self.encoder.pad(Encoded(f["input_ids"], False) for f in features)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long)}
+
+
+# ------------------------------------------------------------------------------------------ samplers
+
+
+class _EpochSampler:
+    """Seeded from (seed, epoch): every DDP rank draws the same order, and a resumed run replays the
+    order of the epoch it stopped in (the Trainer calls set_epoch, then skips the batches already seen)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self):
+        import torch
+
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class LengthGroupedSampler(_EpochSampler):
+    """Shuffled, then sorted by length inside mega-batches of 50 batches: little padding, still random."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(len(lengths), seed)
+        self.lengths = lengths
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=self._generator()))
+
+
+class BalancedSampler(_EpochSampler):
+    """Draws rows with replacement, each class with equal total probability (train.class_balance=sampler)."""
+
+    def __init__(self, labels: list[int], seed: int):
+        import torch
+
+        super().__init__(len(labels), seed)
+        y = torch.tensor(labels)
+        counts = torch.bincount(y, minlength=2).clamp(min=1).double()
+        self.weights = (1.0 / counts)[y]
+
+    def __iter__(self):
+        import torch
+
+        return iter(torch.multinomial(self.weights, self.n, replacement=True,
+                                      generator=self._generator()).tolist())
+
+
+def class_weights(labels: list[int]) -> list[float]:
+    """n / (2 * n_c): the rarer class weighs more; both classes together weigh as much as unweighted."""
+    n = len(labels)
+    counts = [max(1, sum(1 for y in labels if y == c)) for c in (0, 1)]
+    return [n / (2 * c) for c in counts]
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def _make_trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class SpamTrainer(Trainer):
+        """Trainer with class-weighted cross-entropy and our own (seeded, resumable) training samplers."""
+
+        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+        def __init__(self, *a, loss_weights=None, train_sampler=None, **kw):
+            super().__init__(*a, **kw)
+            self.loss_weights = torch.tensor(loss_weights, dtype=torch.float32) if loss_weights else None
+            self.train_sampler = train_sampler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits.float()
+            weight = self.loss_weights.to(logits.device) if self.loss_weights is not None else None
+            loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
+            return (loss, outputs) if return_outputs else loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            return self.train_sampler or super()._get_train_sampler(train_dataset)
+
+    return SpamTrainer
+
+
+def resolve_precision(choice: str) -> tuple[str, str]:
+    """(precision, device description): auto = bf16 on a GPU that supports it, else fp16; fp32 on CPU."""
+    import torch
+
+    if choice not in PRECISION_CHOICES:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISION_CHOICES)}, got {choice!r}")
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+        if choice == "auto":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if choice == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision=bf16 but this GPU does not support bf16 (use fp16 or auto)")
+        return choice, device
+    device = f"cpu ({torch.get_num_threads()} threads)"
+    if choice == "fp16":
+        raise ConfigError("train.precision=fp16 needs a GPU (use auto, fp32 or bf16 on a CPU)")
+    return ("fp32" if choice == "auto" else choice), device
+
+
+def _ddp_backend() -> str | None:
+    """gloo for several CPU processes (torchrun without GPUs); the default (nccl) on GPUs; none alone."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+        return None
+    return "gloo"
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json was written (the Trainer writes it last, so a
+    checkpoint cut short by a kill is skipped rather than resumed from)."""
+    if not directory.is_dir():
+        return None
+    steps = []
+    for p in directory.iterdir():
+        name = p.name
+        if name.startswith("checkpoint-") and name[11:].isdigit() and (p / "trainer_state.json").exists():
+            steps.append((int(name[11:]), p))
+    return max(steps)[1] if steps else None
+
+
+def _progress_callback(world_size: int):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One bar for training with samples/s and the loss, one per validation pass (rank 0 only)."""
+
+        def __init__(self):
+            self.bar = None
+            self.eval_bar = None
+            self.start = 0.0
+            self.start_step = 0
+            self.samples_per_second = 0.0
+            self.loss = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start, self.start_step = time.perf_counter(), state.global_step
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training",
+                                unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            done = state.global_step - self.start_step
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+            self.samples_per_second = done * per_step / elapsed
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+                post = {"samples/s": f"{self.samples_per_second:.1f}"}
+                if self.loss is not None:
+                    post["loss"] = f"{self.loss:.4f}"
+                self.bar.set_postfix(post, refresh=False)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+            if not state.is_world_process_zero:
+                return
+            if self.eval_bar is None:
+                total = len(eval_dataloader) if eval_dataloader is not None else None
+                self.eval_bar = tqdm(total=total, desc="validation", unit="batch", leave=False,
+                                     dynamic_ncols=True)
+            self.eval_bar.update(1)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+                self.eval_bar = None
+            if state.is_world_process_zero and metrics and self.bar is not None:
+                self.bar.write(f"step {state.global_step}: validation PR-AUC {metrics.get('eval_pr_auc', float('nan')):.4f}"
+                               f", loss {metrics.get('eval_loss', float('nan')):.4f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
+def _mlflow_callback():
+    import mlflow
+    from transformers import TrainerCallback
+
+    class Curves(TrainerCallback):
+        """Training curves into the active MLflow run: train/loss, train/learning_rate, val/pr_auc, ..."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            out = {f"train/{k}": float(v) for k, v in logs.items()
+                   if k in ("loss", "learning_rate", "grad_norm") and v is not None}
+            if out:
+                mlflow.log_metrics(out, step=state.global_step)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if not state.is_world_process_zero or not metrics:
+                return
+            out = {f"val/{k[5:]}": float(v) for k, v in metrics.items()
+                   if k.startswith("eval_") and k[5:] in ("pr_auc", "roc_auc", "loss")}
+            mlflow.log_metrics(out, step=state.global_step)
+
+    return Curves()
+
+
+def _compute_metrics(eval_pred) -> dict:
+    import numpy as np
+
+    from training.metrics import binary_metrics
+
+    logits = np.asarray(eval_pred.predictions, dtype=np.float64)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    probs = p[:, 1] / p.sum(axis=1)
+    m = binary_metrics(np.asarray(eval_pred.label_ids), probs, 0.5)
+    # NaN (one class in the capped validation rows) never counts as a new best checkpoint
+    return {k: m[k] for k in ("pr_auc", "roc_auc", "f1")}
+
+
+def _steps_per_epoch(n_rows: int, batch: int, accum: int, world: int) -> int:
+    batches = math.ceil(n_rows / (batch * world))  # per rank: accelerate pads the last round
+    return max(batches // accum + int(batches % accum > 0), 1)
+
+
+# ------------------------------------------------------------------------------------------ model dir
+
+
+def write_model_dir(directory: Path, model, tokenizer, meta: dict) -> Path:
+    """DESIGN §3: save_pretrained files of model and tokenizer plus spamlingo.json."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if not (directory / "tokenizer.json").exists():  # the serving Encoder needs the fast tokenizer file
+        tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    return directory
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def _check(cfg: Config) -> None:
+    t = cfg.train
+    if t.class_balance not in BALANCE_CHOICES:
+        raise ConfigError(f"train.class_balance must be one of {', '.join(BALANCE_CHOICES)}, got {t.class_balance!r}")
+    for key in ("batch_size", "eval_batch_size", "grad_accum", "logging_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
+    if t.eval_every < 0 or t.early_stopping_patience < 0:
+        raise ConfigError("train.eval_every and train.early_stopping_patience must be >= 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    text_settings(cfg)
+
+
+def train(cfg: Config, config_path: str | Path | None = None) -> TrainResult:
+    """Run one training job as the config says; under torchrun call it on every rank."""
+    import torch
+    from accelerate import PartialState
+
+    _check(cfg)
+    precision, device = resolve_precision(cfg.train.precision)
+    on_gpu = torch.cuda.is_available()
+    # The process group (torchrun) exists from here on, so rank 0 can prepare data while the others wait.
+    state = PartialState(cpu=not on_gpu, backend=_ddp_backend())
+    out_dir = resolve_path(cfg.train.output_dir)
+    ckpt_dir = out_dir / CHECKPOINTS
+    resume_from = last_complete_checkpoint(ckpt_dir) if cfg.train.resume else None
+    if state.is_main_process:
+        if cfg.train.resume and resume_from is None:
+            print(f"train.resume=true but {ckpt_dir} holds no complete checkpoint: starting from scratch")
+        if resume_from is None and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # a fresh run must not mix its checkpoints with an older run's
+    state.wait_for_everyone()
+
+    if not state.is_main_process:
+        return _fit(cfg, state, precision, device, resume_from, run_id=None)
+
+    from training import tracking
+
+    # train.resume continues the interrupted MLflow run too (its curves go on from the checkpoint step).
+    previous = (out_dir / RUN_ID_FILE).read_text().strip() if (out_dir / RUN_ID_FILE).exists() else ""
+    resume_run = previous if resume_from is not None and previous else None
+    with tracking.start_run(cfg, kind="transformer", config_path=config_path, run_id=resume_run) as run:
+        run_id = run.info.run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_ID_FILE).write_text(run_id + "\n")
+        result = _fit(cfg, state, precision, device, resume_from, run_id=run_id)
+    if cfg.tracking.register_as:
+        reg = tracking.register(run_id, cfg.tracking.register_as, cfg=cfg)
+        print(f"registered {reg['source']} as {reg['name']} version {reg['version']}")
+    return result
+
+
+def build_trainer(cfg: Config, model, encoder, train_set: EncodedDataset, val_set: EncodedDataset,
+                  ckpt_dir: Path, precision: str, world_size: int, log_to_mlflow: bool):
+    """The Hugging Face Trainer for this config: evaluation and checkpoints every `train.eval_every`
+    steps (0 = once per epoch, and always at the last step), best checkpoint by validation PR-AUC."""
+    import torch
+    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    per_epoch = _steps_per_epoch(len(train_set), t.batch_size, t.grad_accum, world_size)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
+    every = t.eval_every or min(per_epoch, total)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        eval_strategy="steps",
+        eval_steps=every,
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=2,  # the best and the newest (for resuming)
+        load_best_model_at_end=True,
+        metric_for_best_model="pr_auc",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=min(t.logging_steps, every),  # at least one loss point per validation pass
+        logging_first_step=True,
+        report_to="none",  # MLflow logging is ours (rank 0, DESIGN §4 names)
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not on_gpu,
+        ddp_backend=_ddp_backend(),
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in each step
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,  # our collator builds the model inputs
+        disable_tqdm=True,
+    )
+    if t.class_balance == "sampler":
+        if t.group_by_length:
+            print("train.class_balance=sampler: batches are drawn by class weight, not grouped by length")
+        sampler = BalancedSampler(train_set.labels, t.seed)
+    elif t.group_by_length:
+        sampler = LengthGroupedSampler(train_set.lengths, t.batch_size * t.grad_accum, t.seed)
+    else:
+        sampler = None  # the Trainer's seeded random sampler
+    callbacks = [_progress_callback(world_size)]
+    if log_to_mlflow:
+        callbacks.append(_mlflow_callback())
+    if t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        data_collator=Collator(encoder),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        # no processing_class: the tokenizer is rebuilt from the config (and the same training rows) on
+        # resume, so checkpoints need not carry a copy of it; the model directory gets it
+        compute_metrics=_compute_metrics,
+        callbacks=callbacks,
+        loss_weights=class_weights(train_set.labels) if t.class_balance == "weighted_loss" else None,
+        train_sampler=sampler,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | None, run_id: str | None,
+         ) -> TrainResult:
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from serving.text import Encoder
+    from training.backbone import load_backbone
+    from training.data import ensure_prepared, load_splits
+
+    t = cfg.train
+    main = state.is_main_process
+    world = state.num_processes
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint; our bars stay
+    set_seed(t.seed)
+    if main:
+        print(f"device: {device}, precision {precision}, {world} process(es)", flush=True)
+
+    with state.main_process_first():  # rank 0 prepares; the others then find it prepared
+        data_dir = ensure_prepared(cfg)
+    splits = load_splits(cfg)
+    train_rows = cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows, t.seed)
+    val_rows = splits["validation"]
+    val_during = cap_eval_rows(val_rows, t.max_eval_rows, t.seed)
+    if len(train_rows) == 0 or len(val_during) == 0:
+        raise ConfigError(f"{data_dir}: the training or validation split is empty")
+
+    with state.main_process_first():  # a backbone conversion into model.cache_dir happens once
+        model, tokenizer, info = load_backbone(cfg.model, corpus_texts=list(train_rows["text"]))
+    encoder = Encoder(tokenizer.backend_tokenizer, text_settings(cfg))
+    train_set = encode(encoder, list(train_rows["text"]), list(train_rows["label"]), "train", main)
+    val_set = encode(encoder, list(val_during["text"]), list(val_during["label"]), "validation",
+                     main).sorted_by_length()
+
+    if main:
+        import mlflow
+
+        from training import tracking
+
+        tracking.tag_data(data_dir)
+        mlflow.set_tags({"device": device, "precision": precision, "world_size": str(world),
+                         "backbone": cfg.model.backbone})
+        mlflow.log_metrics({"data/train_rows": len(train_set), "data/val_rows_during_training": len(val_set),
+                            "data/val_rows": len(val_rows), "model/parameters": info["parameters"],
+                            "model/trainable_parameters": info["trainable_parameters"]})
+        mlflow.log_dict(info, "backbone.json")
+        spam = sum(train_set.labels)
+        print(f"train rows {len(train_set)} ({spam} spam), validation rows {len(val_set)} during training "
+              f"/ {len(val_rows)} for the threshold; backbone {cfg.model.backbone}: "
+              f"{info['trainable_parameters']:,} of {info['parameters']:,} parameters trained", flush=True)
+
+    trainer = build_trainer(cfg, model, encoder, train_set, val_set,
+                            resolve_path(t.output_dir) / CHECKPOINTS, precision, world, log_to_mlflow=main)
+    resumed_step = _checkpoint_step(resume_from) if resume_from is not None else None
+    if main and resume_from is not None:
+        print(f"resuming from {resume_from} (step {resumed_step})", flush=True)
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    progress = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "samples_per_second"))
+    sps = float(out.metrics.get("train_samples_per_second", progress.samples_per_second))
+    result = TrainResult(None, run_id, global_step=trainer.state.global_step, resumed_from_step=resumed_step,
+                         samples_per_second=sps)
+    if not main:
+        return result
+    import mlflow
+
+    mlflow.log_metrics({"train/samples_per_second": sps, "train/runtime_s": float(out.metrics["train_runtime"]),
+                        "train/steps": trainer.state.global_step,
+                        "train/best_val_pr_auc": float(trainer.state.best_metric or float("nan"))})
+    print(f"trained {trainer.state.global_step} steps at {sps:.1f} samples/s; best checkpoint "
+          f"{trainer.state.best_model_checkpoint} (validation PR-AUC {trainer.state.best_metric})", flush=True)
+    result.model_dir, result.metrics = _finish(cfg, trainer, tokenizer, encoder, info, data_dir, splits, run_id)
+    return result
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path, splits, run_id: str,
+            ) -> tuple[Path, dict]:
+    """Rank 0, inside the MLflow run: threshold on the whole validation split, the model directory,
+    test evaluation of the saved directory, artifacts."""
+    import mlflow
+
+    from training import tracking
+    from training.evaluate import evaluate_model_dir, predict_proba
+    from training.metrics import threshold_choice
+
+    out_dir = resolve_path(cfg.train.output_dir)
+    model = trainer.model  # the best checkpoint (load_best_model_at_end)
+    val = splits["validation"]
+    y_val = list(val["label"])
+    p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
+                          desc="validation split")
+    try:
+        choice = threshold_choice(y_val, p_val, cfg.eval.threshold_rule, cfg.eval.target_fpr)
+    except ValueError as e:  # an unknown rule or an impossible target FPR
+        raise ConfigError(f"eval: {e}") from None
+    threshold = choice["threshold"]
+    print(f"threshold {threshold:.6g} ({cfg.eval.threshold_rule}, target FPR {cfg.eval.target_fpr:g}): validation "
+          f"precision {choice['val_precision']:.4f}, recall {choice['val_recall']:.4f}, FPR {choice['val_fpr']:.4f}"
+          + (f"; {choice['note']}" if choice["note"] else ""), flush=True)
+    groups = {"source": list(val["source"]), "lang": list(val["lang"])}
+    val_grouped = tracking.log_evaluation(y_val, p_val, threshold, groups, "validation",
+                                          title=f"{cfg.model.backbone} validation", out_dir=out_dir / "eval")
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "labels": ["ham", "spam"],
+        "text": text_settings(cfg).to_dict(),
+        "threshold": threshold,
+        "threshold_rule": cfg.eval.threshold_rule,
+        "target_fpr": cfg.eval.target_fpr,
+        "threshold_choice": choice,
+        "backbone": cfg.model.backbone,
+        "mlflow_run_id": run_id,
+        "data_dir": str(data_dir),
+        "data_hash": tracking.data_hash_of(data_dir),
+        "metrics": {"val": _overall(val_grouped)},
+        "training": {"global_step": trainer.state.global_step, "best_checkpoint_step":
+                     trainer.state.best_global_step, "best_val_pr_auc_during_training": trainer.state.best_metric},
+        "backbone_info": info,  # parameters, layers kept, vocabulary trimming report, frozen parts
+    }
+    model_dir = write_model_dir(out_dir / MODEL_DIR, model, tokenizer, meta)
+
+    # The test split scores the directory as written (what export and serving will load), not the
+    # in-memory model; its threshold came from validation only.
+    test = evaluate_model_dir(model_dir, cfg, "test", log=False)
+    rows = splits["test"]
+    test_grouped = tracking.log_evaluation(test.labels, test.p_spam, threshold,
+                                           {"source": list(rows["source"]), "lang": list(rows["lang"])},
+                                           "test", title=f"{cfg.model.backbone} test", out_dir=out_dir / "eval")
+    meta["metrics"]["test"] = _overall(test_grouped)
+    (model_dir / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    size_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    mlflow.log_metric("model/size_mb", size_mb)
+    mlflow.log_artifacts(str(model_dir), MODEL_DIR)
+    if cfg.data.mix_card and resolve_path(cfg.data.mix_card).exists():
+        mlflow.log_artifact(str(resolve_path(cfg.data.mix_card)))
+    return model_dir, meta["metrics"]
+
+
+def _overall(grouped: dict) -> dict:
+    from training.metrics import METRIC_NAMES
+
+    def clean(v):  # NaN (a metric undefined on this split) is written as null: strict JSON
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    return {k: clean(grouped["overall"][k]) for k in METRIC_NAMES + ("support", "positives")}
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler, torchrun stopping its workers) ends the MLflow run KILLED rather than
+    leaving it RUNNING; the newest complete checkpoint stays for `train.resume=true`."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_args(argv, "Fine-tune a backbone, choose the threshold on validation, evaluate on test, "
+                            "log everything to MLflow.")
+    args = parser.parse_args(argv)
+    _interrupt_on_sigterm()
+    from training.backbone import BackboneError
+    from training.data import DataError
+    from training.tracking import TrackingError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, config_path=args.config)
+    except (ConfigError, DataError, BackboneError, TrackingError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted: rerun with train.resume=true to continue from the newest checkpoint",
+              file=sys.stderr)
+        return 130
+    if result.model_dir is not None:
+        print(f"model: {result.model_dir}  (MLflow run {result.run_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
