@@ -1,0 +1,167 @@
+"""Inference on a bundle with ONNX Runtime: text -> normalise -> encode -> graph -> spam probability.
+
+`Classifier.classify` is the whole path for a list of texts. The server's micro-batcher uses the lower
+levels: `encode` (normalise + tokenise + truncate, per text) and `run_encoded` / `probabilities` on a
+padded batch. No torch or transformers here: serving needs only onnxruntime, tokenizers and numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from serving.bundle import Bundle, BundleError
+from serving.text import Encoded, Encoder, language_tag, normalize
+
+# Inputs a graph may take and how each is made from the encoder's (ids, mask). An encoder exported with
+# token_type_ids gets zeros: every message is a single segment.
+_FEEDS = {
+    "input_ids": lambda ids, mask: ids,
+    "attention_mask": lambda ids, mask: mask,
+    "token_type_ids": lambda ids, mask: np.zeros_like(ids),
+}
+
+
+def spam_probability(logits: np.ndarray) -> np.ndarray:
+    """softmax(logits)[:, 1], computed as a sigmoid of the logit difference in float64 (no overflow)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
+
+
+class OnnxGraph:
+    """One ONNX Runtime session over a graph whose inputs are named like the tokenizer's outputs."""
+
+    def __init__(self, path: str | Path, threads: int = 0, output: str = "logits"):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(0, int(threads))  # 0 = ONNX Runtime's default (physical cores)
+        so.inter_op_num_threads = 1  # one request batch at a time per session; parallelism is intra-op
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types; report the file
+            raise BundleError(f"cannot load ONNX graph {path}: {str(e).splitlines()[0]}") from None
+        self.path = Path(path)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        unknown = [n for n in self.input_names if n not in _FEEDS]
+        if unknown:
+            raise BundleError(f"{path}: graph input(s) {unknown} cannot be fed from the tokenizer "
+                              f"(known: {', '.join(_FEEDS)})")
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output = output if output in outputs else outputs[0]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits (batch, 2) for a padded int64 batch."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        feed = {name: _FEEDS[name](ids, mask) for name in self.input_names}
+        return self.session.run([self.output], feed)[0]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length, ties by position): little
+    padding per batch, and the same inputs always give the same batches (deterministic numbers)."""
+    order = sorted(range(len(lengths)), key=lambda k: (lengths[k], k))
+    return [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
+
+
+@dataclass
+class Prepared:
+    """One text ready for the graph: token ids after truncation, plus what the response reports."""
+
+    encoded: Encoded
+    lang: str
+
+    @property
+    def truncated(self) -> bool:
+        return self.encoded.truncated
+
+    def __len__(self) -> int:
+        return len(self.encoded.input_ids)
+
+
+def prepare_texts(encoder: Encoder, settings, texts: Sequence[str]) -> list[Prepared]:
+    """Normalise (with the settings' digit masking), tag the language, encode (with its truncation)."""
+    norm = [normalize(t, settings.mask_digits) for t in texts]
+    return [Prepared(e, language_tag(t)) for e, t in zip(encoder.encode_batch(norm), norm)]
+
+
+class Classifier:
+    """Spam classifier over a loaded bundle.
+
+    variant: "int8" | "fp32" | "auto" (int8 when the bundle has one, else fp32).
+    threads: ONNX Runtime intra-op threads (0 = its default).
+    batch_size: texts per graph call in `classify`/`predict_proba`; texts are sorted by token length first
+    so that each sub-batch pads little, and results are put back in input order (deterministic: the same
+    texts give the same sub-batches and the same numbers).
+    """
+
+    def __init__(self, bundle: Bundle, variant: str = "auto", threads: int = 0, batch_size: int = 32):
+        if variant == "auto":
+            variant = "int8" if bundle.has("int8") else "fp32"
+        self.bundle = bundle
+        self.variant = variant
+        self.threshold = float(bundle.threshold)
+        self.batch_size = max(1, int(batch_size))
+        self.encoder: Encoder = bundle.encoder()
+        self.graph = OnnxGraph(bundle.model_path(variant), threads=threads, output=bundle.output)
+        missing = [n for n in bundle.inputs if n not in self.graph.input_names]
+        if missing:
+            raise BundleError(f"{bundle.path}: bundle.json lists input(s) {missing} that the {variant} graph lacks")
+
+    # ------------------------------------------------------------------ per-text preparation
+
+    def encode(self, texts: Sequence[str]) -> list[Prepared]:
+        """Normalise (with the bundle's digit masking), tag the language and encode (with its truncation)."""
+        return prepare_texts(self.encoder, self.bundle.text, texts)
+
+    # ------------------------------------------------------------------ batch level (the server's batcher)
+
+    def pad(self, items: Sequence[Prepared | Encoded]) -> tuple[np.ndarray, np.ndarray]:
+        return self.encoder.pad([i.encoded if isinstance(i, Prepared) else i for i in items])
+
+    def run_encoded(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits (batch, 2) of one padded batch."""
+        return self.graph.run(input_ids, attention_mask)
+
+    def logits(self, items: Sequence[Prepared | Encoded]) -> np.ndarray:
+        """Logits (n, 2) of prepared texts, in input order, computed in length-sorted sub-batches."""
+        items = list(items)
+        out = np.empty((len(items), 2), dtype=np.float64)
+        lengths = [len(i) if isinstance(i, Prepared) else len(i.input_ids) for i in items]
+        for idx in length_batches(lengths, self.batch_size):
+            ids, mask = self.pad([items[k] for k in idx])
+            out[idx] = self.run_encoded(ids, mask)
+        return out
+
+    def probabilities(self, items: Sequence[Prepared | Encoded]) -> np.ndarray:
+        """Spam probabilities (n,) of prepared texts, in input order."""
+        return spam_probability(self.logits(items)) if len(items) else np.empty(0, dtype=np.float64)
+
+    # ------------------------------------------------------------------ whole path
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Spam probability of each text (float64, shape (n,))."""
+        return self.probabilities(self.encode(texts))
+
+    def result(self, prepared: Prepared, probability: float) -> dict:
+        p = float(probability)
+        return {
+            "label": self.bundle.labels[1] if p >= self.threshold else self.bundle.labels[0],
+            "spam_probability": p,
+            "threshold": self.threshold,
+            "lang": prepared.lang,
+            "truncated": prepared.truncated,
+        }
+
+    def classify(self, texts: Sequence[str]) -> list[dict]:
+        """[{label, spam_probability, threshold, lang, truncated}] in input order."""
+        prepared = self.encode(texts)
+        probs = self.probabilities(prepared)
+        return [self.result(p, q) for p, q in zip(prepared, probs)]
