@@ -301,11 +301,12 @@ def log_evaluation(
     out_dir: str | Path | None = None,
     plots: bool = True,
     extra_text: str = "",
+    table_file: str | None = None,
 ) -> dict:
     """Score one split and log it to the active run.
 
     Logs metrics `<split>/<scope>/<metric>` (metrics.to_mlflow_metrics) and `threshold`, the markdown
-    table as `metrics.md` (split "test") or `metrics_<split>.md`, and with `plots` the PNGs of
+    table as `table_file` (default `metrics.md` for split "test", else `metrics_<split>.md`), and with `plots` the PNGs of
     plots.evaluation_plots under `plots/`. Files are also kept in `out_dir` when given.
     Returns the grouped metrics (metrics.grouped_metrics).
     """
@@ -320,7 +321,7 @@ def log_evaluation(
     with contextlib.ExitStack() as stack:
         base = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         base.mkdir(parents=True, exist_ok=True)
-        md = base / ("metrics.md" if split == "test" else f"metrics_{split}.md")
+        md = base / (table_file or ("metrics.md" if split == "test" else f"metrics_{split}.md"))
         header = f"# {title or 'Evaluation'}: {split}\n\nthreshold {threshold:.6g} (spam iff p_spam >= threshold)\n\n"
         md.write_text(header + (extra_text + "\n\n" if extra_text else "") + M.metrics_table(grouped),
                       encoding="utf-8")

@@ -1,0 +1,286 @@
+"""Evaluate a trained model directory: test metrics overall, per source and per language, logged to MLflow.
+
+    python -m training.evaluate --config configs/default.yaml                 # newest finished run, test split
+    python -m training.evaluate --config configs/default.yaml --run <run id | model dir>
+    python -m training.evaluate --data my_messages.csv [--text-column body --label-column is_spam]
+
+The threshold is the one in the model's spamlingo.json (chosen on validation at training time): the test
+split never picks it. Text goes through serving.text exactly as in serving (normalize with the model's
+mask_digits, Encoder with its TextSettings). Test-split results are logged into the model's own MLflow run
+(or a new `eval` run when the model has none in this store); `--data` results go to a new `eval` run
+linked to the model run, with metric names `data/<scope>/<metric>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from serving.text import Encoder, TextSettings, normalize
+from training.config import Config, ConfigError, cli_args, fail, load_config
+from training.tracking import MODEL_META, TrackingError
+
+
+class EvaluateError(Exception):
+    """A user-facing evaluation problem (broken model directory, missing split): one clear line."""
+
+
+@dataclass
+class EvalResult:
+    grouped: dict  # metrics.grouped_metrics: {"overall": {...}, "source=...": {...}, "lang=...": {...}}
+    threshold: float
+    split: str  # test | validation | data
+    table: str  # markdown
+    mlflow_run_id: str | None  # the run the results were logged to (None: not logged)
+    p_spam: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    labels: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=int))
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    """spamlingo.json of a model directory (DESIGN §3), checked for the keys evaluation needs."""
+    path = Path(model_dir) / MODEL_META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise EvaluateError(f"{model_dir} is not a trained model directory (no {MODEL_META})") from None
+    except ValueError as e:
+        raise EvaluateError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in ("text", "threshold") if k not in meta]
+    if missing:
+        raise EvaluateError(f"{path}: missing {', '.join(missing)}")
+    return meta
+
+
+def load_model(model_dir: str | Path, device: str | None = None):
+    """(model, encoder, meta): the transformers classifier in eval mode on `device` (default: cuda when
+    available), the serving Encoder over the model's tokenizer.json with its TextSettings, spamlingo.json."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    try:
+        settings = TextSettings.from_dict(meta["text"])
+        encoder = Encoder.from_file(str(model_dir / "tokenizer.json"), settings)
+    except Exception as e:  # a missing file is OSError, a bad tokenizer.json a bare Exception from tokenizers
+        raise EvaluateError(f"{model_dir}: cannot build the text encoder ({e})") from None
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise EvaluateError(f"{model_dir}: cannot load the model ({e})") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return model, encoder, meta
+
+
+def predict_proba(model, encoder: Encoder, texts: Sequence[str], batch_size: int = 64, mask_digits: bool = True,
+                  progress: bool = True, desc: str = "scoring") -> np.ndarray:
+    """Spam probabilities (softmax(logits)[:, 1], float64) of raw or normalised texts, in input order.
+
+    Texts are normalised (idempotent on already prepared text), encoded by the serving Encoder, and run
+    in batches of similar length, longest first (so running out of memory shows at once), with dynamic
+    padding. The model's train/eval mode is restored afterwards, so the Trainer can call this too.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    n = len(texts)
+    out = np.empty(n, dtype=np.float64)
+    if n == 0:
+        return out
+    encoded = encoder.encode_batch([normalize(t, mask_digits) for t in texts])
+    order = np.argsort([-len(e.input_ids) for e in encoded], kind="stable")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="msg", disable=not progress,
+                                          leave=False, file=sys.stderr) as bar:
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                ids, mask = encoder.pad(encoded[i] for i in idx)
+                logits = model(input_ids=torch.from_numpy(ids).to(device),
+                               attention_mask=torch.from_numpy(mask).to(device)).logits
+                logits = logits.detach().to(torch.float64).cpu().numpy()
+                # softmax(l)[1] for two classes, stable for large logit gaps
+                out[idx] = 1.0 / (1.0 + np.exp(np.clip(logits[:, 0] - logits[:, 1], -700, 700)))
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _split_rows(model_dir: Path, meta: dict, cfg: Config, split: str):
+    """The split of the data the model was trained on (spamlingo.json's data_dir), else cfg's prepared data."""
+    from datasets import load_from_disk
+
+    data_dir = Path(meta.get("data_dir") or "")
+    if meta.get("data_dir") and (data_dir / "dataset").is_dir():
+        dd = load_from_disk(str(data_dir / "dataset"))
+    else:
+        from training.data import ensure_prepared, load_splits
+        from training.tracking import data_hash_of
+
+        data_dir = ensure_prepared(cfg)
+        dd = load_splits(cfg)
+        if meta.get("data_hash") and data_hash_of(data_dir) != meta["data_hash"]:
+            print(f"warning: {model_dir} was trained on data {meta['data_hash'][:12]} "
+                  f"({meta.get('data_dir')}), not found here; evaluating on {data_dir} "
+                  f"({(data_hash_of(data_dir) or '?')[:12]}) instead", file=sys.stderr)
+    if split not in dd:
+        raise EvaluateError(f"{data_dir}: no '{split}' split (has {', '.join(dd)})")
+    return dd[split], data_dir
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+def _log(cfg: Config, meta: dict, model_dir: Path, labels, p, threshold, groups, split: str, *, title: str,
+         table_file: str | None = None, tags: dict | None = None, run_name: str | None = None,
+         data_hash: str | None = None, force_new_run: bool = False) -> str:
+    """Log into the model's run when it is in this store (and not `force_new_run`), else into a new
+    `eval` run. Returns the run id."""
+    from mlflow.exceptions import MlflowException
+
+    from training import tracking
+
+    model_run = meta.get("mlflow_run_id")
+    if model_run and not force_new_run:
+        tracking.setup(cfg)
+        try:
+            tracking._client().get_run(model_run)
+        except MlflowException:
+            model_run_found = False
+        else:
+            model_run_found = True
+        if model_run_found:
+            with tracking.resume_run(model_run, cfg):
+                tracking.log_evaluation(labels, p, threshold, groups, split, title=title, table_file=table_file)
+            return model_run
+    tags = {"spamlingo.model_dir": str(model_dir), **(tags or {})}
+    if model_run:
+        tags["spamlingo.model_run_id"] = model_run
+    with tracking.start_run(cfg, "eval", run_name=run_name, data_hash=data_hash, tags=tags) as run:
+        tracking.log_evaluation(labels, p, threshold, groups, split, title=title, table_file=table_file)
+        return run.info.run_id
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", *, log: bool = True,
+                       progress: bool = True) -> EvalResult:
+    """Score the model on a split of its prepared data (test by default) at its stored threshold; print
+    the per-source/per-language table; log metrics, metrics.md and plots to MLflow (when `log`)."""
+    from training import metrics as M
+
+    model_dir = Path(model_dir)
+    model, encoder, meta = load_model(model_dir)
+    rows, data_dir = _split_rows(model_dir, meta, cfg, split)
+    texts, labels = list(rows["text"]), np.asarray(rows["label"], dtype=int)
+    if len(labels) == 0:
+        raise EvaluateError(f"{data_dir}: the '{split}' split is empty")
+    mask_digits = bool(meta["text"].get("mask_digits", True))
+    p = predict_proba(model, encoder, texts, cfg.eval.batch_size, mask_digits, progress, desc=f"{split} split")
+    threshold = float(meta["threshold"])
+    groups = {"source": list(rows["source"]), "lang": list(rows["lang"])}
+    grouped = M.grouped_metrics(labels, p, threshold, groups)
+    table = M.metrics_table(grouped)
+    short = "val" if split == "validation" else split
+    print(f"\n{model_dir} on {data_dir} ({split}, {len(labels)} rows), threshold {threshold:.4g} "
+          f"({meta.get('threshold_rule', '?')}):\n\n{table}")
+    run_id = None
+    if log:
+        run_id = _log(cfg, meta, model_dir, labels, p, threshold, groups, short, title=f"{model_dir.name} {split}",
+                      tags={"spamlingo.eval_split": split}, run_name=f"eval-{split}",
+                      data_hash=meta.get("data_hash"))
+        print(f"logged to MLflow run {run_id}")
+    return EvalResult(grouped, threshold, short, table, run_id, p, labels)
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text: str = "text",
+                  label: str = "label", source: str = "source", log: bool = True,
+                  progress: bool = True) -> EvalResult:
+    """Score any labelled CSV/TSV/JSONL (training.data.read_labelled_file) with the same metrics, per
+    source (the `source` column, else the file name) and per language; log to a new `eval` run tagged
+    with the file, its sha256 and the model's run. Metric names: `data/<scope>/<metric>`."""
+    from training import metrics as M
+    from training.data import read_labelled_file
+
+    model_dir = Path(model_dir)
+    model, encoder, meta = load_model(model_dir)
+    mask_digits = bool(meta["text"].get("mask_digits", True))
+    rows = read_labelled_file(path, text=text, label=label, source=source, mask_digits=mask_digits)
+    texts = [r["text"] for r in rows]
+    labels = np.asarray([r["label"] for r in rows], dtype=int)
+    p = predict_proba(model, encoder, texts, cfg.eval.batch_size, mask_digits, progress, desc=Path(path).name)
+    threshold = float(meta["threshold"])
+    groups = {"source": [r["source"] for r in rows], "lang": [r["lang"] for r in rows]}
+    grouped = M.grouped_metrics(labels, p, threshold, groups)
+    table = M.metrics_table(grouped)
+    print(f"\n{model_dir} on {path} ({len(labels)} rows, {int(labels.sum())} spam), threshold "
+          f"{threshold:.4g}:\n\n{table}")
+    run_id = None
+    if log:
+        digest = file_hash(path)
+        tags = {"spamlingo.data_file": str(Path(path).resolve()), "spamlingo.data_file_sha256": digest}
+        run_id = _log(cfg, meta, model_dir, labels, p, threshold, groups, "data",
+                      title=f"{model_dir.name} on {Path(path).name}", table_file="metrics.md", tags=tags,
+                      run_name=f"eval-{Path(path).name.split('.')[0]}", data_hash=digest, force_new_run=True)
+        print(f"logged to MLflow run {run_id}")
+    return EvalResult(grouped, threshold, "data", table, run_id, p, labels)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_args(argv, __doc__.split("\n")[0])
+    parser.add_argument("--run", default=None, help="MLflow run id or model directory (default: newest finished run)")
+    parser.add_argument("--data", default=None, help="a labelled CSV/TSV/JSONL to score instead of the test split")
+    parser.add_argument("--split", default="test", choices=("test", "validation"),
+                        help="split of the prepared data (default: %(default)s)")
+    parser.add_argument("--text-column", default="text", help="--data: column with the message (default: %(default)s)")
+    parser.add_argument("--label-column", default="label", help="--data: column with spam/ham (default: %(default)s)")
+    parser.add_argument("--source-column", default="source",
+                        help="--data: optional column naming each row's source (default: %(default)s)")
+    parser.add_argument("--no-log", action="store_true", help="print the table only, log nothing to MLflow")
+    args = parser.parse_args(argv)
+    from training.data import DataError
+    from training.tracking import resolve_model_dir
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model_dir = resolve_model_dir(args.run, cfg)
+        if args.data:
+            evaluate_file(model_dir, args.data, cfg, text=args.text_column, label=args.label_column,
+                          source=args.source_column, log=not args.no_log)
+        else:
+            evaluate_model_dir(model_dir, cfg, args.split, log=not args.no_log)
+    except (ConfigError, TrackingError, EvaluateError, DataError) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
