@@ -8,6 +8,7 @@ beside every output (`save_resolved`) and logged flattened to MLflow (`flatten`)
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -149,6 +150,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and where lossless, convert) `value` against the annotation `tp`; raise naming `key`."""
     origin = typing.get_origin(tp)
@@ -194,6 +198,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
