@@ -181,6 +181,10 @@ def test_missing_file_and_glob_errors(tmp_path):
     odd.write_text("x")
     with pytest.raises(DataError, match="format"):
         read_labelled_file(odd)
+    truncated = tmp_path / "t.csv.gz"
+    truncated.write_bytes(gzip.compress(b"label,text\n" + b"ham,hello there\n" * 500)[:60])
+    with pytest.raises(DataError, match=r"t\.csv\.gz: cannot read the file"):
+        read_labelled_file(truncated)
 
 
 # ------------------------------------------------------------------------------------------ duplicates

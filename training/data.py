@@ -25,6 +25,7 @@ Steps, in order (each is deterministic for `data.seed`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
@@ -222,7 +223,11 @@ def _read_file(path: Path, spec: FileSpec, source: str, channel: str, dcfg: Data
     label_checked = unknown = 0
     missing: Counter = Counter()  # JSONL: records without a required key
     unknown_values: Counter = Counter()
-    for line_no, rec in _iter_records(path, spec):
+    try:
+        records = list(_iter_records(path, spec))
+    except (OSError, EOFError, csv.Error) as e:  # truncated gzip, unreadable file, broken CSV
+        raise DataError(f"{path}: cannot read the file: {e}") from None
+    for line_no, rec in records:
         seen_records += 1
         if progress is not None:
             progress.update(1)
@@ -635,8 +640,30 @@ def _save_quietly(dd, path: Path) -> None:
             enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One preparer per output directory at a time (e.g. `make train` and `make baseline` started together)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare(cfg: Config) -> Path:
     """Build the splits from the raw corpora and write dataset/, manifest.json, config.yaml (+ mix card)."""
+    with _locked(resolve_path(cfg.data.output_dir)):
+        return _prepare(cfg)
+
+
+def _prepare(cfg: Config) -> Path:
     from datasets import Dataset, DatasetDict
 
     t0 = time.time()
@@ -688,16 +715,25 @@ def prepare(cfg: Config) -> Path:
 def ensure_prepared(cfg: Config) -> Path:
     """The prepared data directory; (re-)prepares it when missing or when the data config changed."""
     out = resolve_path(cfg.data.output_dir)
-    manifest = out / "manifest.json"
-    if manifest.exists() and (out / "dataset").is_dir():
-        try:
-            stored = json.loads(manifest.read_text(encoding="utf-8")).get("data_config_hash")
-        except json.JSONDecodeError:
-            stored = None
-        if stored == data_config_hash(cfg):
+    if _up_to_date(cfg, out):
+        return out
+    with _locked(out):
+        if _up_to_date(cfg, out):  # another process prepared it while we waited
             return out
-        print(f"{out}: the data config changed since it was prepared; preparing again", file=sys.stderr)
-    return prepare(cfg)
+        if (out / "manifest.json").exists():
+            print(f"{_rel(out)}: the data config changed since it was prepared; preparing again", file=sys.stderr)
+        return _prepare(cfg)
+
+
+def _up_to_date(cfg: Config, out: Path) -> bool:
+    manifest = out / "manifest.json"
+    if not (manifest.exists() and (out / "dataset").is_dir()):
+        return False
+    try:
+        stored = json.loads(manifest.read_text(encoding="utf-8")).get("data_config_hash")
+    except (json.JSONDecodeError, OSError):
+        return False
+    return stored == data_config_hash(cfg)
 
 
 def load_manifest(cfg: Config) -> dict:
