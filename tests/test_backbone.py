@@ -148,15 +148,19 @@ def test_trimmed_tokenizer_round_trips_and_serving_encoder_agrees(tmp_path):
     assert torch.allclose(_logits(model, tok, texts), _logits(model2, tok2, texts), atol=1e-6)
 
 
-def test_trim_vocabulary_direct_and_unk_rate():
-    from transformers import BertConfig, BertForSequenceClassification
+def test_trim_vocabulary_on_xlm_roberta_and_unk_rate():
+    # another architecture (RoBERTa position ids depend on the padding id) through the public function
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
     tok = load_e5_tokenizer()
-    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=1, intermediate_size=32,
-                                                     pad_token_id=tok.pad_token_id))
+    torch.manual_seed(0)
+    model = XLMRobertaForSequenceClassification(XLMRobertaConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32,
+        max_position_embeddings=514, pad_token_id=tok.pad_token_id))
+    before = _logits(model, tok, TRAIN_TEXTS[:8])
     model, small, report = trim_vocabulary(model, tok, TRAIN_TEXTS)
-    assert model.config.pad_token_id == small.pad_token_id
+    assert torch.allclose(before, _logits(model, small, TRAIN_TEXTS[:8]), atol=1e-6)
+    assert model.config.pad_token_id == small.pad_token_id == model.roberta.embeddings.padding_idx
     assert small.convert_ids_to_tokens(small.pad_token_id) == "<pad>"
     assert report["embedding_rows_after"] == len(small)
     # <unk>: a character no piece covers (a Linear B syllable) is <unk>, known text is not

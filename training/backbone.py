@@ -552,8 +552,8 @@ def _tokenizer_from_spec(spec: dict, like):
     cls = type(like) if isinstance(like, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
     special = {k: str(v) for k, v in getattr(like, "special_tokens_map", {}).items() if isinstance(v, str)}
     tokenizer = cls(tokenizer_object=backend, model_max_length=getattr(like, "model_max_length", 512), **special)
-    # some tokenizer classes rebuild parts of the pipeline in __init__: keep exactly the rebuilt one
-    tokenizer._tokenizer = backend
+    if tokenizer.backend_tokenizer.get_vocab_size() != len(spec["model"]["vocab"]):
+        raise BackboneError(f"{cls.__name__} did not keep the trimmed vocabulary")
     return tokenizer
 
 
@@ -594,19 +594,21 @@ def trim_vocabulary(model, tokenizer, texts: list[str], holdout_every: int = 20)
     if kept[-1] >= rows_before:
         raise BackboneError(f"tokenizer piece {kept[-1]} has no embedding row (only {rows_before})")
     params_before = count_parameters(model)
-    pad_old = getattr(model.config, "pad_token_id", None)
-    new_pad = kept.index(pad_old) if pad_old is not None and pad_old in set(kept) else None
+    old_to_new = {old: new for new, old in enumerate(kept)}
+    new_pad = old_to_new.get(getattr(model.config, "pad_token_id", None))
     new_emb = torch.nn.Embedding(len(kept), emb.weight.shape[1], padding_idx=new_pad)
     with torch.no_grad():
         new_emb.weight.copy_(emb.weight[torch.tensor(kept, dtype=torch.long)])
     new_emb.weight.requires_grad_(emb.weight.requires_grad)
     model.set_input_embeddings(new_emb)
     model.config.vocab_size = len(kept)
-    old_to_new = {old: new for new, old in enumerate(kept)}
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         old = getattr(model.config, key, None)
         if isinstance(old, int):
             setattr(model.config, key, old_to_new.get(old))
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if isinstance(getattr(embeddings, "padding_idx", None), int):  # RoBERTa derives position ids from it
+        embeddings.padding_idx = new_pad
 
     report = {
         "pieces_before": len(spec["model"]["vocab"]),
