@@ -1,0 +1,515 @@
+"""The inference server as a real process on 127.0.0.1 serving the tiny bundle, spoken to over real HTTP.
+
+Results are checked against a direct Classifier call on the same texts; every kind of bad input, auth,
+overload (503 + Retry-After), metrics, readiness, a bounded load test and schemathesis against the
+server's own /openapi.json; start-up failures exit non-zero with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.bundle import load_bundle
+from serving.inference import Classifier
+from serving.server import ServerSettings, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+KEY = "s3cret-key"
+
+TEXTS = [
+    "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121",
+    "恭喜您中奖了！请点击链接领取大奖 iPhone",
+    "今すぐクリックして無料ポイントをゲット",
+    "무료 쿠폰을 받으세요 지금 바로",
+    "see you at lunch?",
+    "ＦＲＥＥ　ｆ\u200bree　ｍｏｎｅｙ &amp; prizes",  # full-width, zero-width, HTML entity: normalised first
+    "Meeting moved to 3pm 会議室B",
+    "",
+    "   \t  ",
+    "long " * 400,  # longer than the model reads: truncated
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(bundle: Path, log_dir: Path, *flags: str, env: dict | None = None, timeout: float = 90) -> Server:
+    """`python -m serving.server` on a free port; returns once /readyz says 200."""
+    port = _free_port()
+    log = log_dir / f"server-{port}.log"
+    cmd = [PY, "-m", "serving.server", "--bundle", str(bundle), "--port", str(port), "--threads", "1",
+           "--log-level", "warning", *flags]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()}")
+
+
+# How far a served probability may be from a direct call on the same text in a different batch. fp32 does
+# not depend on batch-mates or padding. int8 (ONNX Runtime dynamic quantisation) scales activations per
+# batch tensor, so a text's probability moves slightly with what it is batched with (measured: < 4e-4).
+TOL = {"fp32": 1e-6, "int8": 2e-3}
+
+
+def _same(got: dict, want: dict, tol: float = 1e-6) -> None:
+    """A served result equals the direct one (the probability to `tol`; the label unless that close to the
+    threshold)."""
+    assert got["spam_probability"] == pytest.approx(want["spam_probability"], abs=tol)
+    if abs(want["spam_probability"] - want["threshold"]) > tol:
+        assert got["label"] == want["label"]
+    assert (got["threshold"], got["lang"], got["truncated"]) == (want["threshold"], want["lang"], want["truncated"])
+
+
+def _scrape(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _variant(bundle: Path) -> str:
+    b = load_bundle(bundle)
+    return "int8" if b.has("int8") and b.int8.get("status", "passed") == "passed" else "fp32"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_bundle):
+    """What the default server serves (int8 when the bundle has it), called directly."""
+    return Classifier(load_bundle(tiny_bundle), variant=_variant(tiny_bundle), threads=1)
+
+
+@pytest.fixture(scope="module")
+def tol(tiny_bundle):
+    return TOL[_variant(tiny_bundle)]
+
+
+@pytest.fixture(scope="module")
+def fp32_classifier(tiny_bundle):
+    return Classifier(load_bundle(tiny_bundle), variant="fp32", threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    s = start_server(tiny_bundle, tmp_path_factory.mktemp("srv"), "--max-body-bytes", "65536", "--max-chars", "5000")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tiny_bundle, tmp_path_factory):
+    # The key comes from the environment (SPAMLINGO_API_KEY), the other limits from flags.
+    s = start_server(tiny_bundle, tmp_path_factory.mktemp("auth"), "--too-long", "truncate", "--max-chars", "40",
+                     "--max-texts", "4", env={"SPAMLINGO_API_KEY": KEY})
+    yield s
+    s.stop()
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def test_results_equal_direct_classifier(server, classifier, tiny_bundle):
+    """One request of fewer than --max-batch texts is one model call on exactly these texts: the same
+    numbers as the direct call, int8 included."""
+    r = httpx.post(server.url + "/v1/classify", json={"texts": TEXTS}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = classifier.classify(TEXTS)
+    assert len(body["results"]) == len(TEXTS)
+    for got, w in zip(body["results"], want):
+        _same(got, w)
+    assert body["results"][-1]["truncated"] is True
+    assert [x["lang"] for x in body["results"][:5]] == ["en", "zh", "ja", "ko", "en"]
+    m = body["model"]
+    manifest = json.loads((tiny_bundle / "bundle.json").read_text())
+    assert m["bundle"] == tiny_bundle.name and m["variant"] == _variant(tiny_bundle)
+    assert m["threshold"] == manifest["threshold"]
+    assert manifest["files"][manifest["models"][m["variant"]]]["sha256"].startswith(m["sha256"])
+
+
+def test_concurrent_requests_get_their_own_results_in_order(server, classifier, tol):
+    """Requests of different sizes arrive together, are batched together (and split: 40 texts > max-batch
+    32), and each gets exactly its own results back in its own order."""
+    rng = random.Random(0)
+    pool = [f"{rng.choice(TEXTS[:7])} #{i}" for i in range(60)]
+    want = dict(zip(pool, classifier.classify(pool)))
+    requests = [rng.sample(pool, rng.choice([1, 2, 5, 40])) for _ in range(24)]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/classify", json={"texts": t}) for t in requests])
+
+    for texts, r in zip(requests, asyncio.run(go())):
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == len(texts)
+        for t, got in zip(texts, results):
+            _same(got, want[t], tol)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+BAD = [
+    # (name, body bytes, status, error kind)
+    ("not_json", b"this is not json", 400, "invalid_json"),
+    ("empty_body", b"", 400, "invalid_json"),
+    ("invalid_utf8", b'{"texts": ["caf\xe9 \xff"]}', 400, "invalid_utf8"),
+    ("lone_surrogate", b'{"texts": ["\\ud800 free"]}', 400, "invalid_unicode"),
+    ("array_body", b'["free money"]', 422, "invalid_request"),
+    ("no_texts_field", b'{"text": "free money"}', 422, "invalid_request"),
+    ("texts_not_list", b'{"texts": "free money"}', 422, "invalid_request"),
+    ("text_not_string", b'{"texts": ["ok", 42]}', 422, "invalid_request"),
+    ("null_text", b'{"texts": [null]}', 422, "invalid_request"),
+    ("empty_list", b'{"texts": []}', 422, "empty_texts"),
+    ("too_many_texts", json.dumps({"texts": ["x"] * 65}).encode(), 413, "too_many_texts"),
+    ("text_too_long", json.dumps({"texts": ["ok", "y" * 5001]}).encode(), 413, "text_too_long"),
+    ("body_too_large", json.dumps({"texts": ["z" * 70_000]}).encode(), 413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,kind", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, body, status, kind):
+    r = httpx.post(server.url + "/v1/classify", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["kind"] == kind and err["message"]
+    if name in ("text_not_string", "null_text"):
+        assert "texts[" in err["message"]  # names the offending item
+    ok = httpx.post(server.url + "/v1/classify", json={"texts": ["still there?"]}, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 1
+
+
+def test_oversized_chunked_body_is_refused_without_reading_it_all(server):
+    """No Content-Length (chunked upload): the limit is enforced while streaming; the client is told 413
+    long before it would have sent its 10 MB."""
+    sent = []
+
+    def chunks():
+        for _ in range(160):
+            sent.append(1)
+            yield b"a" * 65536
+
+    try:
+        r = httpx.post(server.url + "/v1/classify", content=chunks(), timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["kind"] == "body_too_large"
+    except httpx.TransportError:
+        pass  # the server may close the connection after answering; either way it did not read it all
+    assert len(sent) < 160
+    assert httpx.post(server.url + "/v1/classify", json={"texts": ["hi"]}, timeout=30).status_code == 200
+
+
+def test_unknown_path_and_method_use_the_error_shape(server):
+    r = httpx.get(server.url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found"
+    r = httpx.get(server.url + "/v1/classify")
+    assert r.status_code == 405 and r.json()["error"]["kind"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+
+
+# ------------------------------------------------------------------------------------------ auth, truncation
+
+
+def test_api_key_required_except_on_health(auth_server):
+    url = auth_server.url
+    body = {"texts": ["free money"]}
+    r = httpx.post(url + "/v1/classify", json=body)
+    assert r.status_code == 401 and r.json()["error"]["kind"] == "unauthorized"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(url + "/v1/classify", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url + "/v1/classify", json=body, headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+    r = httpx.post(url + "/v1/classify", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 1
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert httpx.get(url + "/readyz").status_code == 200
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(url + "/openapi.json").json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_truncate_mode_cuts_long_texts_and_says_so(auth_server, classifier, tol):
+    texts = ["short one", "a spam message that goes on and on well beyond forty characters"]
+    r = httpx.post(auth_server.url + "/v1/classify", json={"texts": texts}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    want = classifier.classify([texts[0], texts[1][:40]])
+    _same(got[0], want[0], tol)
+    assert got[1]["truncated"] is True
+    assert got[1]["spam_probability"] == pytest.approx(want[1]["spam_probability"], abs=tol)
+    # --max-texts 4 applies here
+    r = httpx.post(auth_server.url + "/v1/classify", json={"texts": ["x"] * 5}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413 and r.json()["error"]["kind"] == "too_many_texts"
+
+
+# ------------------------------------------------------------------------------------------ health, metrics
+
+
+def test_healthz_and_readyz(server):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    r = httpx.get(server.url + "/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready" and r.json()["model"]["variant"] in ("fp32", "int8")
+
+
+def test_readyz_is_503_until_the_warm_up_inference_is_done(tiny_bundle):
+    """In process (the warm-up of a real server is too quick to catch): the model call is held back by an
+    event, so the app is up but not ready; a request sent meanwhile waits and is answered afterwards."""
+    clf = Classifier(load_bundle(tiny_bundle), variant="fp32", threads=1)
+    gate = threading.Event()
+
+    def predict(texts):
+        gate.wait(30)
+        return clf.classify(texts)
+
+    app = create_app(ServerSettings(), predict, {"bundle": tiny_bundle.name, "variant": "fp32", "sha256": "0" * 16,
+                                                 "threshold": clf.threshold})
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                assert (await c.get("/healthz")).status_code == 200
+                r = await c.get("/readyz")
+                assert r.status_code == 503 and r.json()["status"] == "starting"
+                pending = asyncio.create_task(c.post("/v1/classify", json={"texts": ["free money"]}))
+                await asyncio.sleep(0.2)
+                assert not pending.done()
+                gate.set()
+                r = await pending
+                assert r.status_code == 200 and len(r.json()["results"]) == 1
+                for _ in range(100):
+                    if (await c.get("/readyz")).status_code == 200:
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError("never became ready")
+
+    asyncio.run(go())
+
+
+def test_metrics_counters_move(server):
+    before = _scrape(server.url)
+    assert httpx.post(server.url + "/v1/classify", json={"texts": ["a", "b", "c"]}).status_code == 200
+    assert httpx.post(server.url + "/v1/classify", content=b"{oops").status_code == 400
+    after = _scrape(server.url)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("spamlingo_http_requests_total", path="/v1/classify", status="200") == 1
+    assert delta("spamlingo_http_requests_total", path="/v1/classify", status="400") == 1
+    assert delta("spamlingo_errors_total", kind="invalid_json") == 1
+    assert delta("spamlingo_http_request_duration_seconds_count", path="/v1/classify") == 2
+    assert delta("spamlingo_batch_size_count") >= 1 and delta("spamlingo_batch_size_sum") == 3
+    assert delta("spamlingo_texts_total", label="spam") + delta("spamlingo_texts_total", label="ham") == 3
+    assert ("spamlingo_queue_depth", ()) in after
+
+
+# ------------------------------------------------------------------------------------------ overload, load
+
+
+def test_overload_answers_503_with_retry_after_and_drops_nothing_accepted(tiny_bundle, tmp_path,
+                                                                           fp32_classifier):
+    """A one-text queue whose batches wait 200 ms: a burst of 40 requests overflows it. (This server runs
+    the fp32 graph: its results do not depend on batching, so they must match exactly.)"""
+    s = start_server(tiny_bundle, tmp_path, "--max-queue", "1", "--max-wait-ms", "200", "--model", "fp32")
+    try:
+        texts = [f"{TEXTS[i % 7]} {i}" for i in range(40)]
+        want = fp32_classifier.classify(texts)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60,
+                                         limits=httpx.Limits(max_connections=40)) as c:
+                return await asyncio.gather(*[c.post("/v1/classify", json={"texts": [t]}) for t in texts])
+
+        responses = asyncio.run(go())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+        for r, w in zip(responses, want):
+            if r.status_code == 200:
+                (got,) = r.json()["results"]
+                _same(got, w)
+            else:
+                assert r.json()["error"]["kind"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        m = _scrape(s.url)
+        assert m[("spamlingo_errors_total", (("kind", "overloaded"),))] == codes.count(503)
+        assert m[("spamlingo_http_requests_total", (("path", "/v1/classify"), ("status", "503")))] == codes.count(503)
+        # after the burst it serves again
+        assert httpx.post(s.url + "/v1/classify", json={"texts": ["calm"]}, timeout=30).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_load_2000_requests_at_concurrency_32(server, classifier, tol):
+    rng = random.Random(1)
+    pool = [f"{t} {i}" for i, t in enumerate(TEXTS[:7] * 6)]
+    want = dict(zip(pool, classifier.classify(pool)))
+    n, concurrency = 2000, 32
+    bodies = [rng.sample(pool, rng.randint(1, 3)) for _ in range(n)]
+    responses: list = [None] * n
+
+    async def go():
+        it = iter(range(n))
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=concurrency)) as c:
+            async def worker():
+                for i in it:
+                    try:
+                        responses[i] = await c.post("/v1/classify", json={"texts": bodies[i]})
+                    except httpx.TransportError as e:
+                        responses[i] = e
+
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
+
+    before = _scrape(server.url)
+    start = time.perf_counter()
+    asyncio.run(go())
+    seconds = time.perf_counter() - start
+    after = _scrape(server.url)
+    codes = [getattr(r, "status_code", type(r).__name__) for r in responses]
+    assert codes.count(200) == n, {c: codes.count(c) for c in set(codes)}
+    for texts, r in zip(bodies, responses):
+        results = r.json()["results"]
+        assert len(results) == len(texts)
+        for t, got in zip(texts, results):
+            _same(got, want[t], tol)
+    batches = after[("spamlingo_batch_size_count", ())] - before[("spamlingo_batch_size_count", ())]
+    texts = after[("spamlingo_batch_size_sum", ())] - before[("spamlingo_batch_size_sum", ())]
+    assert texts == sum(map(len, bodies))
+    assert batches < n  # requests were gathered into shared batches
+    print(f"\nload: {n} requests ({int(texts)} texts) at concurrency {concurrency} in {seconds:.1f}s = "
+          f"{n / seconds:.0f} req/s; {int(batches)} model calls, {texts / batches:.1f} texts per call")
+
+
+# ------------------------------------------------------------------------------------------ schemathesis
+
+
+@pytest.mark.parametrize("which", ["server", "auth_server"])
+def test_schemathesis_finds_no_server_errors_or_schema_violations(which, request, tmp_path):
+    """Every check, against the live server's own /openapi.json. 413 is how this API refuses an over-size
+    request (documented per operation), so it counts as a rejection of invalid data; and the body limit is
+    not expressible in JSON Schema, so a schema-valid body over --max-body-bytes may be refused with it."""
+    (tmp_path / "schemathesis.toml").write_text(
+        "[checks.negative_data_rejection]\n"
+        "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]\n"
+        "[checks.positive_data_acceptance]\n"
+        'expected-statuses = ["2xx", 413]\n'
+    )
+    server = request.getfixturevalue(which)
+    st = Path(PY).with_name("st")
+    cmd = [str(st), "run", server.url + "/openapi.json", "--checks", "all", "--max-examples", "60", "--seed", "1",
+           "--workers", "1", "--phases", "examples,coverage,fuzzing", "--request-timeout", "30",
+           "--max-failures", "5", "--no-color"]
+    if which == "auth_server":  # with the key; the ignored_auth check also tries without it and expects 401
+        cmd += ["--header", f"Authorization: Bearer {KEY}"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ start-up, client
+
+
+def _start_fails(*args: str, env: dict | None = None) -> str:
+    p = subprocess.run([PY, "-m", "serving.server", "--port", str(_free_port()), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+def test_startup_fails_with_one_line_on_missing_or_tampered_bundle(tiny_bundle, tmp_path):
+    assert "not found" in _start_fails("--bundle", str(tmp_path / "nope"))
+    bad = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, bad)
+    with open(bad / "tokenizer.json", "r+b") as f:
+        f.seek(100)
+        c = f.read(1)
+        f.seek(100)
+        f.write(b"X" if c != b"X" else b"Y")
+    assert "checksum mismatch for tokenizer.json" in _start_fails("--bundle", str(bad))
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_bundle, missing)
+    (missing / "model.onnx").unlink()
+    assert "model.onnx is missing" in _start_fails("--bundle", str(missing))
+    assert "--max-batch" in _start_fails("--bundle", str(tiny_bundle), "--max-batch", "0")
+    assert "SPAMLINGO_PORT" in _start_fails("--bundle", str(tiny_bundle), env={"SPAMLINGO_PORT": "eighty"})
+    if not load_bundle(tiny_bundle).has("int8"):
+        assert "int8" in _start_fails("--bundle", str(tiny_bundle), "--model", "int8")
+
+
+def _predict_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "serving.client", *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_client_prints_one_line_per_input_line(server, classifier, tol):
+    lines = ["Free entry to win a prize now", "恭喜您中奖了", "", "see you at lunch?"]
+    p = _predict_cli("--url", server.url, "--batch-size", "3", stdin="\n".join(lines) + "\n")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    want = classifier.classify(lines)
+    assert len(out) == len(lines)
+    for row, w in zip(out, want):
+        label, prob, lang = row.split("\t")
+        assert label == w["label"] and lang == w["lang"] and float(prob) == pytest.approx(w["spam_probability"], abs=5e-5 + tol)
+    p = _predict_cli("--url", server.url, "--json", "--text", "今すぐクリック", "--text", "hello")
+    rows = [json.loads(x) for x in p.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["今すぐクリック", "hello"] and rows[0]["lang"] == "ja"
+
+
+def test_client_says_clearly_when_the_server_is_unreachable_or_refuses(auth_server):
+    p = _predict_cli("--url", f"http://127.0.0.1:{_free_port()}", "--text", "hi")
+    assert p.returncode == 2 and "cannot reach the spamlingo server" in p.stderr and "Traceback" not in p.stderr
+    p = _predict_cli("--url", auth_server.url, "--text", "hi")
+    assert p.returncode == 2 and "401" in p.stderr and "unauthorized" in p.stderr
+    p = _predict_cli("--url", auth_server.url, "--text", "hi", "--api-key", KEY)
+    assert p.returncode == 0 and p.stdout.count("\t") == 2
