@@ -177,7 +177,8 @@ class Encoder:
 
         return first("<s>", "[CLS]"), first("</s>", "[SEP]"), first("<pad>", "[PAD]")
 
-    def _cap_chars(self, text: str) -> str:
+    def cap_chars(self, text: str) -> str:
+        """The part of a (normalised) text that can reach the model under this policy."""
         if len(text) <= self.char_cap:
             return text
         if self.settings.truncation == "head":
@@ -187,7 +188,7 @@ class Encoder:
 
     def encode_batch(self, texts: Sequence[str]) -> list[Encoded]:
         """`texts` must already be normalised (see `normalize`)."""
-        raw = self.tok.encode_batch([self._cap_chars(t) for t in texts], add_special_tokens=False)
+        raw = self.tok.encode_batch([self.cap_chars(t) for t in texts], add_special_tokens=False)
         out = []
         for t, enc in zip(texts, raw):
             ids = enc.ids
