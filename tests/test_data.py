@@ -157,7 +157,7 @@ def test_missing_column_error_names_file_and_column(tmp_path):
     with pytest.raises(DataError, match=r"bad\.csv.*'klass'.*data\.corpora\.bad\.label"):
         load_corpus("bad", cc, DataConfig(), DropLog())
     jl = _write_jsonl(tmp_path / "bad.jsonl", [{"body": "x", "label": "ham"}] * 3)
-    with pytest.raises(DataError, match=r"bad\.jsonl.*'text'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl.*'text'.*columns are: 'body', 'label'"):
         read_labelled_file(jl)
 
 

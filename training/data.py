@@ -223,6 +223,7 @@ def _read_file(path: Path, spec: FileSpec, source: str, channel: str, dcfg: Data
     label_checked = unknown = 0
     missing: Counter = Counter()  # JSONL: records without a required key
     unknown_values: Counter = Counter()
+    seen_keys: list[str] = []  # JSONL: the keys of the first record, for the missing-column message
     try:
         records = list(_iter_records(path, spec))
     except (OSError, EOFError, csv.Error) as e:  # truncated gzip, unreadable file, broken CSV
@@ -235,6 +236,8 @@ def _read_file(path: Path, spec: FileSpec, source: str, channel: str, dcfg: Data
         if rec is None:
             drops.add(source, "malformed_row", rid)
             continue
+        if not seen_keys:
+            seen_keys = list(rec)
         absent = [col for _, col in _required_columns(spec) if col not in rec]
         if absent:
             missing.update(absent)
@@ -276,7 +279,7 @@ def _read_file(path: Path, spec: FileSpec, source: str, channel: str, dcfg: Data
         raise DataError(f"{path}: no data rows")
     for key, col in _required_columns(spec):
         if missing[col] and missing[col] == seen_records:  # JSONL: a key no record has
-            raise _missing_column(path, key, col, [], spec.hint)
+            raise _missing_column(path, key, col, seen_keys, spec.hint)
     if label_checked and unknown > MAX_UNKNOWN_LABEL_SHARE * label_checked:
         examples = ", ".join(f"{v!r} ({n})" for v, n in unknown_values.most_common(5))
         raise DataError(f"{path}: column {spec.label!r}: {unknown} of {label_checked} labels are not "
