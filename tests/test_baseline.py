@@ -33,7 +33,7 @@ def test_baseline_end_to_end(cfg, tmp_path, capsys):
     assert "| source=zh_sms |" in capsys.readouterr().out
 
     # the run: kind, status, DESIGN §4 metric names, threshold, artifacts
-    run = MlflowClient().get_run(out["run_id"])
+    run = MlflowClient().get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["spamlingo.kind"] == "baseline"
     assert run.data.tags["data_hash"]
@@ -43,23 +43,23 @@ def test_baseline_end_to_end(cfg, tmp_path, capsys):
                  "test/source.uci_sms/f1", "test/source.zh_sms/roc_auc", "test/lang.zh/precision",
                  "val/overall/recall", "threshold", "model/size_mb", "model/parameters"):
         assert name in m, name
-    assert m["threshold"] == pytest.approx(out["threshold"])
-    assert m["test/overall/f1"] == pytest.approx(out["test"]["overall"]["f1"])
-    arts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
+    assert m["threshold"] == pytest.approx(out.threshold)
+    assert m["test/overall/f1"] == pytest.approx(out.test["overall"]["f1"])
+    arts = {a.path for a in MlflowClient().list_artifacts(out.run_id)}
     assert {"baseline", "config.yaml", "metrics.md", "metrics_val.md", "plots"} <= arts
     assert {"baseline/model.joblib", "baseline/baseline.json"} == {
-        a.path for a in MlflowClient().list_artifacts(out["run_id"], "baseline")}
+        a.path for a in MlflowClient().list_artifacts(out.run_id, "baseline")}
 
     # the threshold rule holds on validation
-    choice = out["threshold_choice"]
+    choice = out.threshold_choice
     assert choice["met"] and choice["val_fpr"] <= 0.05
 
     # real corpora are easy for character n-grams even with a few hundred rows
-    assert out["test"]["overall"]["roc_auc"] > 0.9
+    assert out.test["overall"]["roc_auc"] > 0.9
 
     # the saved pipeline takes raw text and reproduces the logged test scores
     pipe, info = B.load_pipeline(tmp_path / "run" / "baseline")
-    assert info["threshold"] == out["threshold"] and info["mlflow_run_id"] == out["run_id"]
+    assert info["threshold"] == out.threshold and info["mlflow_run_id"] == out.run_id
     test = load_from_disk(str(tmp_path / "data" / "dataset"))["test"]
     p = pipe.predict_proba(list(test["text"]))[:, 1]
     pred = p >= info["threshold"]

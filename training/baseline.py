@@ -27,6 +27,17 @@ from training.config import Config, ConfigError, cli_args, fail, load_config, re
 
 
 @dataclass
+class BaselineResult:
+    run_id: str  # the MLflow run (kind baseline)
+    threshold: float
+    threshold_choice: dict  # metrics.threshold_choice on validation
+    val: dict  # grouped metrics (metrics.grouped_metrics) of the validation split
+    test: dict  # grouped metrics of the test split
+    model_path: Path  # the saved pipeline (model.joblib; baseline.json beside it)
+    fit_seconds: float
+
+
+@dataclass
 class BaselineSettings:
     ngram_min: int = 1
     ngram_max: int = 4
@@ -103,10 +114,9 @@ def _step(msg: str, t0: float) -> None:
 
 
 def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir: str | Path | None = None,
-                 config_path: str | None = None) -> dict:
+                 config_path: str | None = None) -> BaselineResult:
     """Fit on train, choose the threshold on validation, score test; log one MLflow run of kind
-    `baseline`. Returns {"run_id", "threshold", "threshold_choice", "val", "test" (grouped metrics),
-    "model_path", "fit_seconds"}."""
+    `baseline` and return its results."""
     import mlflow
 
     from training import metrics as M
@@ -168,8 +178,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
         print(f"\nbaseline on {data_dir} (test, {len(test)} rows), threshold {threshold:.4g}:\n\n"
               f"{M.metrics_table(test_grouped)}")
         _step(f"saved {model_path}; logged to MLflow run {run.info.run_id}", t0)
-    return {"run_id": run.info.run_id, "threshold": threshold, "threshold_choice": choice, "val": val_grouped,
-            "test": test_grouped, "model_path": model_path, "fit_seconds": fit_seconds}
+    return BaselineResult(run.info.run_id, threshold, choice, val_grouped, test_grouped, model_path, fit_seconds)
 
 
 def _ngram(text: str) -> tuple[int, int]:

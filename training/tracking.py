@@ -489,7 +489,9 @@ def _ui(cfg: Config, host: str, port: int) -> int:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         setup(cfg)  # creates the database when the store is still empty
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # one worker: a local UI for one person; MLflow's default of 4 takes a minute to start on 2 cores
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
     root = artifact_root(uri)
     if root:
         cmd += ["--artifacts-destination", root]
