@@ -1,0 +1,133 @@
+"""Figure quality: spam F1 and ROC-AUC on the test split, overall, per source and per language, for
+- the trained model in PyTorch (training.evaluate.evaluate_model_dir, at its stored threshold),
+- its bundle's int8 graph through serving.inference.Classifier (the serving path, bundle threshold),
+- the TF-IDF baseline: the newest finished baseline run's logged test metrics (trained first when the
+  experiment has none).
+"""
+
+from __future__ import annotations
+
+import math
+
+from bench.inputs import Inputs, load_split, run_config
+from training.metrics import metric_name
+
+TITLE = "Quality on the test split: PyTorch model vs int8 bundle vs TF-IDF baseline"
+NEEDS = ("model", "bundle", "data")
+METRICS = ("f1", "roc_auc")
+KEEP = ("f1", "roc_auc", "precision", "recall", "support", "positives")
+
+
+def _slim(grouped: dict) -> dict:
+    return {scope: {k: m.get(k) for k in KEEP} for scope, m in grouped.items()}
+
+
+def _baseline(inputs: Inputs, scopes: list[str], quick: bool) -> tuple[dict | None, dict]:
+    """Test metrics of the TF-IDF baseline on the model's data: the newest finished baseline run with the
+    model's data_hash (else the newest one, flagged), trained first (not with --quick) when there is none
+    and the run's config prepares the same data."""
+    from mlflow import MlflowClient
+
+    from training import tracking
+    from training.config import resolve_path
+
+    exp_id = tracking.setup(inputs.cfg)
+    want = inputs.meta.get("data_hash")
+    runs = MlflowClient().search_runs(
+        [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=200)
+    run = next((r for r in runs if want and r.data.tags.get("data_hash") == want), None)
+    trained = False
+    if run is None:
+        cfg, cfg_source = run_config(inputs)
+        same_data = inputs.data_dir is not None and \
+            resolve_path(cfg.data.output_dir).resolve() == inputs.data_dir.resolve()
+        if not quick and same_data:
+            from training.baseline import run_baseline
+
+            print(f"no baseline run on data {str(want)[:12]}: training one with {cfg_source}", flush=True)
+            run = MlflowClient().get_run(run_baseline(cfg)["run_id"])
+            trained = True
+        elif runs:
+            run = runs[0]
+        else:
+            why = "--quick" if quick else "the run's config does not prepare the model's data"
+            return None, {"note": f"no baseline run in experiment '{inputs.cfg.tracking.experiment}' and none "
+                                  f"trained ({why}): run `make baseline` with the model's config"}
+    metrics = run.data.metrics
+    out = {}
+    for scope in scopes:
+        vals = {k: metrics.get(metric_name("test", scope, k)) for k in KEEP}
+        if any(v is not None for v in vals.values()):
+            out[scope] = vals
+    info = {"run_id": run.info.run_id, "run_name": run.info.run_name, "trained_by_bench": trained,
+            "data_hash": run.data.tags.get("data_hash")}
+    if want and info["data_hash"] != want:
+        info["note"] = (f"baseline run {run.info.run_id[:8]} used data {str(info['data_hash'])[:12]}, the model "
+                        f"{want[:12]}: their test splits differ")
+    return out, info
+
+
+def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
+    import numpy as np
+    import torch
+
+    from serving.bundle import load_bundle
+    from serving.inference import Classifier
+    from training import metrics as M
+    from training.evaluate import evaluate_model_dir
+
+    torch.set_num_threads(threads)
+    notes = {}
+    torch_result = evaluate_model_dir(inputs.model_dir, inputs.cfg, "test", log=False, progress=True)
+    models = {"pytorch": {"threshold": torch_result.threshold, "metrics": _slim(torch_result.grouped)}}
+
+    test = load_split(inputs, "test")
+    labels = np.asarray(test["label"], dtype=int)
+    if len(labels) != len(torch_result.labels) or not (labels == torch_result.labels).all():
+        notes["split"] = "the evaluated split and the bench's split differ in rows: check data_dir"
+    bundle = load_bundle(inputs.bundle_dir)
+    variant = "int8" if bundle.has("int8") else "fp32"
+    if variant != "int8":
+        notes["onnx"] = f"the bundle has no int8 graph ({bundle.int8.get('reason') or 'not exported'}): fp32 shown"
+    clf = Classifier(bundle, variant=variant, threads=threads, batch_size=64)
+    p = clf.predict_proba(list(test["text"]))
+    groups = {"source": list(test["source"]), "lang": list(test["lang"])}
+    models[f"onnx_{variant}"] = {"threshold": clf.threshold,
+                                 "metrics": _slim(M.grouped_metrics(labels, p, clf.threshold, groups))}
+
+    base, info = _baseline(inputs, list(torch_result.grouped), quick)
+    if base is not None:
+        models["baseline"] = {"threshold": None, "metrics": base}
+    if info.get("note"):
+        notes["baseline"] = info["note"]
+    return {"rows": int(len(labels)), "models": models, "baseline_run": info, "notes": notes}
+
+
+_NAMES = {"pytorch": "PyTorch", "onnx_int8": "int8 bundle", "onnx_fp32": "fp32 bundle", "baseline": "TF-IDF baseline"}
+
+
+def _f(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def render(result: dict) -> str:
+    models = result["models"]
+    names = list(models)
+    first = models["pytorch"]["metrics"]
+    head = "| scope | rows | spam | " + " | ".join(f"{_NAMES.get(n, n)} {lab}" for n in names
+                                                 for lab in ("F1", "ROC-AUC")) + " |"
+    lines = [f"{result['rows']} test rows; each model at its own threshold (PyTorch and bundle: the one chosen on "
+             "validation at training time). n/a: undefined for that group (e.g. no spam in it).", "", head,
+             "|---|---:|---:|" + "---:|" * (2 * len(names))]
+    for scope, m in first.items():
+        cells = [_f(models[n]["metrics"].get(scope, {}).get(k)) for n in names for k in METRICS]
+        label = scope.replace("source=", "source ").replace("lang=", "lang ")
+        lines.append(f"| {label} | {m.get('support', '')} | {m.get('positives', '')} | " + " | ".join(cells) + " |")
+    b = result.get("baseline_run") or {}
+    if b.get("run_id"):
+        how = "trained by this benchmark" if b.get("trained_by_bench") else "its logged test metrics"
+        lines += ["", f"Baseline: MLflow run {b['run_id']} ({b.get('run_name') or ''}), {how}."]
+    for k, v in result.get("notes", {}).items():
+        lines += ["", f"- {k}: {v}"]
+    return "\n".join(lines)
