@@ -21,8 +21,14 @@ _WS = re.compile(r"\s+")
 _DIGIT = re.compile(r"[0-9]")
 
 
+_CC = re.compile("[\x00-\x1f\x7f-\x9f]")  # exactly Unicode category Cc
+
+
 def _strip_controls(text: str) -> str:
     # Cc (controls) become spaces so "a\tb" stays two words; Cf (format) characters vanish.
+    text = _CC.sub(" ", text)
+    if text.isprintable():  # the common case: no Cf left, nothing else to strip
+        return text
     out = []
     for ch in text:
         cat = unicodedata.category(ch)

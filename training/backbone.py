@@ -19,6 +19,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from serving.text import Encoder, TextSettings
 from training.config import ModelConfig
 
 TINY = "tiny"
@@ -103,7 +104,12 @@ def load_backbone(model_cfg: ModelConfig, corpus_texts: list[str] | None = None)
     info: dict[str, Any] = {"backbone": name, "parameters_loaded": count_parameters(model)}
     info["layers"] = keep_layers(model, model_cfg.num_layers)
     if model_cfg.trim_vocab and corpus_texts:
-        model, tokenizer, info["vocab_trim"] = trim_vocabulary(model, tokenizer, corpus_texts)
+        # Only the part of a text that the Encoder can feed the model needs its pieces kept.
+        settings = TextSettings(max_length=model_cfg.max_length, truncation=model_cfg.truncation,
+                                head_tokens=model_cfg.head_tokens)
+        encoder = Encoder(_backend(tokenizer), settings)
+        capped = [encoder.cap_chars(t) for t in corpus_texts]
+        model, tokenizer, info["vocab_trim"] = trim_vocabulary(model, tokenizer, capped)
     else:
         info["vocab_trim"] = None
     set_dropout(model, model_cfg.dropout)
