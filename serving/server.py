@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -92,6 +93,8 @@ class ServerSettings:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.too_long not in ("reject", "truncate"):
             raise ValueError(f"--too-long must be 'reject' or 'truncate', got {self.too_long!r}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError(f"--log-level must be one of critical|error|warning|info|debug|trace, got {self.log_level!r}")
         if self.model not in ("", "fp32", "int8"):
             raise ValueError(f"--model must be 'fp32' or 'int8', got {self.model!r}")
 
@@ -364,8 +367,13 @@ class Batcher:
             out = await loop.run_in_executor(self._executor, self.predict, texts)
             if len(out) != len(texts):
                 raise RuntimeError(f"the model returned {len(out)} results for {len(texts)} texts")
-        except Exception as e:  # noqa: BLE001 - every waiting request hears about it
+        except Exception as e:  # noqa: BLE001 - the requests of this batch hear about it
             log.exception("inference failed on a batch of %d texts", len(texts))
+            if len(slices) > 1:
+                # One request's text must not fail the others it was batched with: retry them one by one.
+                for piece in slices:
+                    await self._run_batch(loop, [piece])
+                return
             err = ApiError(500, "inference_error", f"inference failed: {type(e).__name__}: {e}")
             for req, _, _ in slices:
                 if not req.future.done():
@@ -607,21 +615,21 @@ def load_model(settings: ServerSettings):
     return classifier, info
 
 
-_FLAGS: dict[str, tuple[type, str]] = {
-    "bundle": (str, "bundle directory (default: the newest under bundles/)"),
-    "host": (str, "address to bind"),
-    "port": (int, "port to bind"),
-    "threads": (int, "ONNX Runtime intra-op threads (0 = its default: all cores)"),
-    "model": (str, "fp32 | int8 (default: int8 when the bundle has a passed int8 model)"),
-    "max_batch": (int, "texts per ONNX Runtime call"),
-    "max_wait_ms": (float, "how long a text may wait for its batch to fill"),
-    "max_texts": (int, "texts per request (more: 413 too_many_texts)"),
-    "max_chars": (int, "characters per text"),
-    "too_long": (str, "reject (413 text_too_long) | truncate (cut at --max-chars)"),
-    "max_queue": (int, "texts waiting for the model; beyond it requests get 503 + Retry-After"),
-    "max_body_bytes": (int, "request body limit (more: 413 body_too_large)"),
-    "api_key": (str, "require `Authorization: Bearer <key>` on /v1/classify and /metrics"),
-    "log_level": (str, "uvicorn log level: debug | info | warning | error"),
+_FLAGS: dict[str, tuple[type, str, str]] = {
+    "bundle": (str, "DIR", "bundle directory (default: the newest under bundles/)"),
+    "host": (str, "HOST", "address to bind"),
+    "port": (int, "N", "port to bind"),
+    "threads": (int, "N", "ONNX Runtime intra-op threads (0 = its default: all cores)"),
+    "model": (str, "fp32|int8", "graph to serve (default: int8 when the bundle has a passed int8 model)"),
+    "max_batch": (int, "N", "texts per ONNX Runtime call"),
+    "max_wait_ms": (float, "MS", "how long the oldest waiting text may wait for its batch to fill"),
+    "max_texts": (int, "N", "texts per request (more: 413 too_many_texts)"),
+    "max_chars": (int, "N", "characters per text"),
+    "too_long": (str, "reject|truncate", "a text over --max-chars: 413 text_too_long, or cut and served"),
+    "max_queue": (int, "N", "texts waiting for the model (beside the batch running); beyond: 503 + Retry-After"),
+    "max_body_bytes": (int, "N", "request body limit (more: 413 body_too_large)"),
+    "api_key": (str, "KEY", "require `Authorization: Bearer KEY` on /v1/classify and /metrics"),
+    "log_level": (str, "LEVEL", "critical|error|warning|info|debug (debug adds the access log)|trace"),
 }
 
 
@@ -629,7 +637,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     """Flags, each falling back to SPAMLINGO_<NAME> and then to the ServerSettings default."""
     defaults = ServerSettings()
     p = argparse.ArgumentParser(prog="spamlingo-serve", description="Serve a spamlingo ONNX bundle over HTTP.")
-    for name, (tp, help_) in _FLAGS.items():
+    for name, (tp, metavar, help_) in _FLAGS.items():
         env = f"SPAMLINGO_{name.upper()}"
         default = getattr(defaults, name)
         raw = os.environ.get(env)
@@ -639,7 +647,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
             except ValueError:
                 raise StartupError(f"{env}={raw!r} is not a valid {tp.__name__}") from None
         shown = "***" if name == "api_key" and default else default
-        p.add_argument(f"--{name.replace('_', '-')}", type=tp, default=default, metavar=tp.__name__.upper(),
+        p.add_argument(f"--{name.replace('_', '-')}", type=tp, default=default, metavar=metavar,
                        help=f"{help_} [env {env}; default {shown!r}]")
     settings = ServerSettings(**vars(p.parse_args(argv)))
     try:
@@ -649,15 +657,35 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     return settings
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address is taken (uvicorn would say so only after)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse_settings(argv)
+        _check_port(settings.host, settings.port)
         classifier, info = load_model(settings)
     except StartupError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     import uvicorn
 
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))  # uvicorn's look
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if settings.log_level == "trace" else settings.log_level.upper())
     app = create_app(settings, classifier.classify, info)
     shown = {k: ("***" if k == "api_key" and v else v) for k, v in asdict(settings).items()}
     print(f"spamlingo-serve: {info['bundle']} ({info['variant']}) on http://{settings.host}:{settings.port} "

@@ -332,6 +332,61 @@ def test_readyz_is_503_until_the_warm_up_inference_is_done(tiny_bundle):
     asyncio.run(go())
 
 
+def test_a_failing_text_fails_only_its_own_request(tiny_bundle):
+    """In process, with the real classifier behind a predict that fails on one marked text: the batch it
+    shares with other requests is retried request by request, so only its own request gets the 500."""
+    clf = Classifier(load_bundle(tiny_bundle), variant="fp32", threads=1)
+
+    def predict(texts):
+        if "POISON" in texts:
+            raise ValueError("cannot encode this text")
+        return clf.classify(texts)
+
+    app = create_app(ServerSettings(max_wait_ms=100), predict,
+                     {"bundle": tiny_bundle.name, "variant": "fp32", "sha256": "0" * 16, "threshold": clf.threshold})
+    bodies = [["hello", "free money"], ["POISON"], ["see you soon"], ["a", "b", "c"]]
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            while not app.state.batcher.ready:
+                await asyncio.sleep(0.02)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await asyncio.gather(*[c.post("/v1/classify", json={"texts": b}) for b in bodies])
+
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200, 500, 200, 200]
+    assert responses[1].json()["error"]["kind"] == "inference_error"
+    for body, r in zip(bodies, responses):
+        if r.status_code == 200:
+            for got, want in zip(r.json()["results"], clf.classify(body)):
+                _same(got, want)
+
+
+def test_graceful_shutdown_answers_every_accepted_request(tiny_bundle, tmp_path):
+    """SIGTERM while accepted requests wait for their batch: all are answered before the process ends."""
+    s = start_server(tiny_bundle, tmp_path, "--max-wait-ms", "3000")
+
+    async def go():
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+            tasks = [asyncio.create_task(c.post("/v1/classify", json={"texts": [f"text {i}"]})) for i in range(10)]
+            for _ in range(100):  # until all ten are in the queue
+                await asyncio.sleep(0.02)
+                if _scrape(s.url).get(("spamlingo_queue_depth", ())) == 10:
+                    break
+            else:
+                raise AssertionError("the requests never queued up")
+            s.proc.terminate()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        responses = asyncio.run(go())
+        assert [getattr(r, "status_code", repr(r)) for r in responses] == [200] * 10
+        assert all(len(r.json()["results"]) == 1 for r in responses)
+        s.proc.wait(timeout=20)
+    finally:
+        s.stop()
+
+
 def test_metrics_counters_move(server):
     before = _scrape(server.url)
     assert httpx.post(server.url + "/v1/classify", json={"texts": ["a", "b", "c"]}).status_code == 200
@@ -481,6 +536,11 @@ def test_startup_fails_with_one_line_on_missing_or_tampered_bundle(tiny_bundle, 
     (missing / "model.onnx").unlink()
     assert "model.onnx is missing" in _start_fails("--bundle", str(missing))
     assert "--max-batch" in _start_fails("--bundle", str(tiny_bundle), "--max-batch", "0")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert f"cannot listen on 127.0.0.1:{port}" in _start_fails("--bundle", str(tiny_bundle), "--port", port)
     assert "SPAMLINGO_PORT" in _start_fails("--bundle", str(tiny_bundle), env={"SPAMLINGO_PORT": "eighty"})
     if not load_bundle(tiny_bundle).has("int8"):
         assert "int8" in _start_fails("--bundle", str(tiny_bundle), "--model", "int8")
