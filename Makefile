@@ -47,7 +47,7 @@ export: $(STAMP) ## export RUN (default: newest run) to an ONNX bundle (fp32 + i
 	$(PY) -m training.export --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)
 
 register: $(STAMP) ## register RUN's model in the MLflow registry: make register RUN=<id> NAME=spam ALIAS=champion
-	$(PY) -m training.tracking register $(if $(RUN),--run $(RUN)) --name $(or $(NAME),spamlingo) --alias $(or $(ALIAS),champion)
+	$(PY) -m training.tracking register --config $(CONFIG) $(if $(RUN),--run $(RUN)) --name $(or $(NAME),spamlingo) --alias $(or $(ALIAS),champion)
 
 serve: $(STAMP) ## serve BUNDLE (default: newest bundle) on 127.0.0.1:PORT
 	$(VENV)/bin/spamlingo-serve $(if $(BUNDLE),--bundle $(BUNDLE)) --port $(PORT)
@@ -62,7 +62,7 @@ bench: $(STAMP) ## quality, speed and size benchmarks -> bench/results/*.json an
 	$(PY) -m bench.run $(ARGS)
 
 mlflow-ui: $(STAMP) ## browse the MLflow store at http://127.0.0.1:5000
-	$(PY) -m training.tracking ui
+	$(PY) -m training.tracking ui --config $(CONFIG)
 
 test: $(STAMP) ## the test suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
