@@ -94,7 +94,7 @@ class ServerSettings:
         if self.too_long not in ("reject", "truncate"):
             raise ValueError(f"--too-long must be 'reject' or 'truncate', got {self.too_long!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-            raise ValueError(f"--log-level must be one of critical|error|warning|info|debug|trace, got {self.log_level!r}")
+            raise ValueError(f"--log-level must be critical|error|warning|info|debug|trace, got {self.log_level!r}")
         if self.model not in ("", "fp32", "int8"):
             raise ValueError(f"--model must be 'fp32' or 'int8', got {self.model!r}")
 
@@ -130,7 +130,7 @@ class Result(BaseModel):
     label: Literal["spam", "ham"]
     spam_probability: float = Field(ge=0.0, le=1.0, description="softmax(logits)[1]")
     threshold: float = Field(description="label is spam iff spam_probability >= threshold")
-    lang: Literal[LANGS] = Field(description="script-based language tag of the normalised text")  # type: ignore[valid-type]
+    lang: Literal[LANGS] = Field(description="script-based tag of the normalised text")  # type: ignore[valid-type]
     truncated: bool = Field(description="the text was longer than the model reads (tokens or --max-chars)")
 
 
@@ -259,6 +259,10 @@ class Batcher:
     the number waiting above `max_queue` is refused (`Overloaded`) unless nothing is waiting (so a request
     larger than the queue is still served). A large request may be split over several batches; its results
     are reassembled in order. Texts of a request whose client went away are skipped.
+
+    fp32 results do not depend on batching. With the int8 graph (ONNX Runtime dynamic quantisation scales
+    activations per batch tensor) a text's probability moves slightly with its batch-mates: < 4e-4 measured
+    on the tiny test model.
     """
 
     def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch: int, max_wait_s: float,

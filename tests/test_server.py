@@ -285,7 +285,8 @@ def test_truncate_mode_cuts_long_texts_and_says_so(auth_server, classifier, tol)
     assert got[1]["truncated"] is True
     assert got[1]["spam_probability"] == pytest.approx(want[1]["spam_probability"], abs=tol)
     # --max-texts 4 applies here
-    r = httpx.post(auth_server.url + "/v1/classify", json={"texts": ["x"] * 5}, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(auth_server.url + "/v1/classify", json={"texts": ["x"] * 5},
+                   headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 413 and r.json()["error"]["kind"] == "too_many_texts"
 
 
@@ -560,7 +561,8 @@ def test_client_prints_one_line_per_input_line(server, classifier, tol):
     assert len(out) == len(lines)
     for row, w in zip(out, want):
         label, prob, lang = row.split("\t")
-        assert label == w["label"] and lang == w["lang"] and float(prob) == pytest.approx(w["spam_probability"], abs=5e-5 + tol)
+        assert label == w["label"] and lang == w["lang"]
+        assert float(prob) == pytest.approx(w["spam_probability"], abs=5e-5 + tol)
     p = _predict_cli("--url", server.url, "--json", "--text", "今すぐクリック", "--text", "hello")
     rows = [json.loads(x) for x in p.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["今すぐクリック", "hello"] and rows[0]["lang"] == "ja"
