@@ -474,10 +474,12 @@ def export_bundle(
     name: str | None = None,
     exporter: str = "auto",
     show: bool = True,
+    threads: int = 0,
 ) -> ExportResult:
     """Export `model_dir` (DESIGN §3) into `<out_root or export.output_dir>/<name>/`. Parity is measured on
     `texts`/`labels` when given, else on the model's validation split. Raises ExportError when fp32 parity
-    fails (nothing is written then)."""
+    fails (nothing is written then). `threads`: torch and ONNX Runtime threads for the parity passes
+    (0 = their defaults)."""
     import numpy as np
     import onnxruntime
     import torch
@@ -510,6 +512,9 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else (lambda msg: None)
     notes: list[str] = []
+    torch_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         shutil.copyfile(model_dir / TOKENIZER, tmp / TOKENIZER)
         base = {
@@ -549,7 +554,7 @@ def export_bundle(
                 attempts.append({"exporter": which, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
                 say(f"  {which} exporter failed: {attempts[-1]['error']}")
                 continue
-            clf = Classifier(_provisional(tmp, base), "fp32")
+            clf = Classifier(_provisional(tmp, base), "fp32", threads=threads)
             logits, _ = _timed_logits(clf, prepared)
             gate = fp32_parity(ref, logits, threshold, ecfg.max_abs_logit_diff)
             attempts.append({"exporter": which, **{k: gate[k] for k in ("max_abs_logit_diff", "label_mismatches", "passed")}})
@@ -580,7 +585,7 @@ def export_bundle(
                 plain = tmp / ".plain.onnx"
                 placeholder.rename(plain)
                 fused_path.rename(placeholder)
-                logits, _ = _timed_logits(Classifier(_provisional(tmp, base), "fp32"), prepared)
+                logits, _ = _timed_logits(Classifier(_provisional(tmp, base), "fp32", threads=threads), prepared)
                 gate = fp32_parity(ref, logits, threshold, ecfg.max_abs_logit_diff)
                 if gate["passed"]:
                     fp32_gate = gate
@@ -596,7 +601,7 @@ def export_bundle(
         else:
             graph_info["optimization"] = {"applied": False, "reason": "export.optimize=false"}
 
-        clf32 = Classifier(_provisional(tmp, base), "fp32")
+        clf32 = Classifier(_provisional(tmp, base), "fp32", threads=threads)
         logits32, fp32_seconds = _timed_logits(clf32, prepared)
         p32 = spam_probability(logits32)
         del clf32
@@ -610,7 +615,7 @@ def export_bundle(
             shown = {k: (v if k != "nodes_to_exclude" else len(v)) for k, v in recipe.items()}
             try:
                 quantize(placeholder, qpath, recipe)
-                clf8 = Classifier(_provisional(tmp, base, INT8_FILE), "int8")
+                clf8 = Classifier(_provisional(tmp, base, INT8_FILE), "int8", threads=threads)
                 logits8, secs = _timed_logits(clf8, prepared)
                 del clf8
             except Exception as e:
@@ -676,6 +681,8 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(torch_threads)
     manifest = json.loads((target / "bundle.json").read_text(encoding="utf-8"))
     del loaded
     return ExportResult(target, manifest, p8 is not None, parity_table(manifest), notes)

@@ -1,0 +1,283 @@
+"""training.export: the tiny model exported through both gates, PyTorch == bundle on mixed-language
+texts (head_tail truncation included), gate failures, the command line and the MLflow run path."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.bundle import load_bundle
+from serving.inference import Classifier
+from serving.text import normalize
+from training.config import Config, load_config
+from training.export import ExportError, export_bundle, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MIXED = [
+    "WIN a FREE laptop now! Click http://win.example.com to claim your prize",
+    "Thanks for the notes from today's budget meeting, see you Monday",
+    "您的账户存在风险,请立即登录网站验证手机,否则将被冻结",
+    "周末一起去北京吃饭吧,我请客",
+    "【緊急】お客様のアカウントが停止されました。東京で本人確認をしてください",
+    "昨日はランチをありがとうございました。とても楽しかったです",
+    "[긴급] 고객님의 계좌가 정지되었습니다. 서울 에서 본인 인증을 해주세요",
+    "어제 영화 정말 고마웠어요. 다음에 또 봐요",
+    "Meeting 明天 at 3pm 会议室 B, bring the ＡＢＣ report (全角) 1234",
+    "ｶﾀｶﾅ半角 と 한국어 mixed with English and 中文",
+]
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config(None, list(overrides))
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _hf_tokens(model_dir: Path, text: str, mask_digits: bool):
+    """Content token ids from the *transformers* tokenizer saved in the model dir (training's side)."""
+    tok = _hf_tokenizer(model_dir)
+    return tok(normalize(text, mask_digits), add_special_tokens=False)["input_ids"], tok
+
+
+def _torch_probs(model_dir: Path, ids_list: list[list[int]]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    out = []
+    with torch.inference_mode():
+        for ids in ids_list:  # one at a time: no padding at all on the PyTorch side
+            x = torch.tensor([ids])
+            out.append(model(input_ids=x, attention_mask=torch.ones_like(x)).logits.softmax(-1)[0, 1].item())
+    return np.array(out)
+
+
+# ------------------------------------------------------------------------------------------ gates
+
+
+def test_tiny_export_passes_both_gates(tiny_bundle, tiny_model_dir):
+    b = load_bundle(tiny_bundle)
+    m = b.manifest
+    meta = json.loads((tiny_model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    assert m["format_version"] == 1 and m["labels"] == ["ham", "spam"]
+    assert m["threshold"] == meta["threshold"] and m["text"] == meta["text"]
+    assert m["inputs"] == ["input_ids", "attention_mask"] and m["output"] == "logits"
+    assert m["models"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    fp32 = m["parity"]["fp32"]
+    assert fp32["passed"] and fp32["max_abs_logit_diff"] <= 1e-4 and fp32["label_mismatches"] == 0
+    assert fp32["rows"] == 48 and "validation split" in m["parity"]["data"]
+    assert m["int8"]["status"] == "passed" and m["int8"]["recipe"]["name"] == m["int8"]["attempts"][-1]["name"]
+    gate = m["parity"]["int8"]
+    assert gate["passed"] and gate["label_agreement"] >= 0.995
+    assert gate["scopes"]["overall"]["f1_drop"] <= 0.005
+    assert {"lang=en", "lang=zh", "lang=ja", "lang=ko"} <= set(gate["scopes"])
+    assert m["graph"]["exporter"] == "torchscript" and m["graph"]["opset"] == 17
+    assert m["source"] == {"mlflow_run_id": None, "backbone": "tiny", "model_dir": str(tiny_model_dir.resolve()),
+                           "data_hash": "tiny-test-fixture"}
+    assert m["metrics"]["export"]["fp32"]["overall"]["support"] == 48
+    assert m["files"]["model.int8.onnx"]["bytes"] < m["files"]["model.onnx"]["bytes"] / 2
+    # The graph really has dynamic batch and sequence axes.
+    import onnx
+
+    g = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False).graph
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input]
+    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+
+
+def test_bundle_matches_pytorch_on_mixed_languages(tiny_bundle, tiny_model_dir):
+    b = load_bundle(tiny_bundle)
+    clf = Classifier(b, variant="fp32")
+    prepared = clf.encode(MIXED)
+    ids_list = []
+    for text, p in zip(MIXED, prepared):
+        content, tok = _hf_tokens(tiny_model_dir, text, b.text.mask_digits)
+        assert not p.truncated
+        ids = [tok.cls_token_id, *content, tok.sep_token_id]
+        assert p.encoded.input_ids == ids  # bundle tokenizer.json == the model's tokenizer
+        ids_list.append(ids)
+    p_torch = _torch_probs(tiny_model_dir, ids_list)
+    p_onnx = clf.predict_proba(MIXED)
+    np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
+    assert np.array_equal(p_onnx >= b.threshold, p_torch >= b.threshold)
+    assert p_torch.max() - p_torch.min() > 0.5  # a trained model, not one whose scores all sit at 0.5
+    # int8 keeps every label on these texts
+    p8 = Classifier(b, variant="int8").predict_proba(MIXED)
+    assert np.array_equal(p8 >= b.threshold, p_torch >= b.threshold)
+
+
+def test_head_tail_truncation_identical_in_both_paths(tiny_bundle, tiny_model_dir):
+    b = load_bundle(tiny_bundle)
+    assert b.text.truncation == "head_tail"
+    head = "Thanks for the notes from today's project meeting. " * 6
+    tail = "URGENT: your account is locked, verify at http://bank-secure.example.net 中奖 당첨"
+    text = head + "filler " * 40 + tail
+    content, tok = _hf_tokens(tiny_model_dir, text, b.text.mask_digits)
+    budget = b.text.max_length - 2
+    assert len(content) > budget
+    n_head = b.text.head_tokens or (2 * budget) // 3
+    expected = [tok.cls_token_id, *content[:n_head], *content[len(content) - (budget - n_head):], tok.sep_token_id]
+    clf = Classifier(b, variant="fp32")
+    p = clf.encode([text])[0]
+    assert p.truncated and len(p.encoded.input_ids) == b.text.max_length
+    assert p.encoded.input_ids == expected
+    tail_ids = tok(normalize(tail, True), add_special_tokens=False)["input_ids"]
+    assert p.encoded.input_ids[-9:-1] == tail_ids[-8:]  # the end of the message survives the cut
+    p_torch = _torch_probs(tiny_model_dir, [expected])
+    r = clf.classify([text])[0]
+    assert r["truncated"] is True
+    assert abs(r["spam_probability"] - p_torch[0]) <= 1e-4
+
+
+def test_fp32_parity_failure_fails_the_export(tiny_model_dir, tmp_path):
+    cfg = _cfg("export.max_abs_logit_diff=0.0")  # no float graph can match to the last bit: gate trips
+    with pytest.raises(ExportError, match=r"fp32 parity failed .*max \|Δlogit\|"):
+        export_bundle(cfg, tiny_model_dir, out_root=tmp_path, name="t", exporter="torchscript", show=False, threads=1)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+
+
+def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
+    cfg = _cfg("export.int8_min_agreement=1.01", "export.parity_rows=20")  # unreachable agreement
+    res = export_bundle(cfg, tiny_model_dir, out_root=tmp_path, name="t", show=False, threads=1)
+    m = res.manifest
+    assert not res.int8_passed and m["models"]["int8"] is None
+    assert not (res.bundle_dir / "model.int8.onnx").exists()
+    assert m["int8"]["status"] == "failed" and "label agreement" in m["int8"]["reason"]
+    names = [a["name"] for a in m["int8"]["attempts"]]
+    assert names == ["plain", "per_channel", "per_channel_reduce_range", "exclude_sensitive", "weight_only"]
+    assert m["parity"]["rows"] == 20 and "20 of 48" in m["parity"]["data"]
+    assert res.warnings and "int8 not shipped" in res.warnings[0]
+    b = load_bundle(res.bundle_dir)
+    assert Classifier(b, variant="auto").variant == "fp32"
+    assert "int8: failed" in res.table
+
+
+def test_explicit_texts_and_no_optimisation(tiny_model_dir, tmp_path):
+    cfg = _cfg("export.optimize=false")
+    labels = [1, 0] * 5
+    res = export_bundle(cfg, tiny_model_dir, texts=MIXED, labels=labels, out_root=tmp_path, name="t", show=False,
+                        threads=1)
+    m = res.manifest
+    assert m["parity"]["data"] == "10 given texts" and m["parity"]["fp32"]["passed"]
+    assert m["graph"]["optimization"] == {"applied": False, "reason": "export.optimize=false"}
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(res.bundle_dir / "model.onnx")).graph.node}
+    assert "Attention" not in ops and "MatMul" in ops  # the plain graph, no ONNX Runtime fusions
+
+
+def test_missing_validation_data_is_a_clear_error(tiny_model_dir, tmp_path):
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "runs" / "x" / "model"))
+    meta = json.loads((d / "spamlingo.json").read_text(encoding="utf-8"))
+    meta["data_dir"] = str(tmp_path / "gone")
+    (d / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+    cfg = _cfg(f"data.output_dir={tmp_path / 'also_gone'}")
+    with pytest.raises(ExportError, match="no validation data for the parity gates"):
+        export_bundle(cfg, d, out_root=tmp_path / "bundles", show=False)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_exports_a_model_dir(tiny_model_dir, tmp_path, capsys):
+    run_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "runs" / "mine" / "model")).parent
+    out = tmp_path / "bundles"
+    code = main(["--config", "configs/smoke.yaml", "--run", str(run_dir), f"export.output_dir={out}"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert f"bundle: {out / 'mine'}" in printed.out and "fp32 vs PyTorch max abs logit diff" in printed.out
+    b = load_bundle(out / "mine")  # runs/<name>/model -> bundles/<name>
+    assert b.source["model_dir"] == str((run_dir / "model").resolve())
+    # exporting again replaces the bundle in place
+    assert main(["--run", str(run_dir / "model"), f"export.output_dir={out}"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mine"]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.export", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_cli_bad_run_is_one_line(tmp_path):
+    r = _cli("--run", str(tmp_path / "no_such_dir"))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+    assert "no_such_dir" in lines[0]
+    (tmp_path / "plain").mkdir()
+    r = _cli("--run", str(tmp_path / "plain"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'plain'} is not a trained model directory (no spamlingo.json in it)"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store for this module's tests (creating one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
+
+
+def test_cli_unknown_run_id_is_one_line(mlflow_uri, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", "0" * 32, "tracking.experiment=export-test"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    # (a new store's first use may add MLflow's own INFO lines about creating its tables before it)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: no MLflow run") and "0" * 32 in last
+
+
+def test_export_from_mlflow_run_logs_and_registers(tiny_model_dir, tmp_path, mlflow_uri, monkeypatch, capsys):
+    """RUN=<run id>: the model is downloaded from the run, the bundle is logged back as bundle/ and
+    registered under --register NAME."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from training import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    cfg = _cfg("tracking.experiment=export-test")
+    tracking.setup(cfg)
+    with mlflow.start_run(run_name="tiny-run", tags={"spamlingo.kind": "transformer"}) as run:
+        run_id = run.info.run_id
+        staged = Path(shutil.copytree(tiny_model_dir, tmp_path / "staged" / "model"))
+        meta = json.loads((staged / "spamlingo.json").read_text(encoding="utf-8"))
+        meta["mlflow_run_id"] = run_id
+        (staged / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+        mlflow.log_artifacts(str(staged), "model")
+    out = tmp_path / "bundles"
+    cache = ROOT / "runs" / "_mlflow" / run_id  # where tracking caches a run's downloaded model
+    created = [p for p in (ROOT / "runs", cache.parent) if not p.exists()]
+    try:
+        code = main(["--run", run_id, "--register", "spamlingo-test", "tracking.experiment=export-test",
+                     f"export.output_dir={out}"])
+    finally:  # leave the repository as it was
+        shutil.rmtree(cache, ignore_errors=True)
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"logged runs:/{run_id}/bundle" in printed and "version 1" in printed
+    b = load_bundle(out / "tiny-run")  # named after the MLflow run
+    assert b.source["mlflow_run_id"] == run_id
+    client = MlflowClient()
+    names = {a.path for a in client.list_artifacts(run_id, "bundle")}
+    assert {"bundle/bundle.json", "bundle/model.onnx", "bundle/model.int8.onnx", "bundle/tokenizer.json"} <= names
+    versions = client.search_model_versions("name='spamlingo-test'")
+    assert len(versions) == 1 and versions[0].run_id == run_id and versions[0].source.endswith("/bundle")
