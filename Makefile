@@ -50,7 +50,7 @@ register: $(STAMP) ## register RUN's model in the MLflow registry: make register
 	$(PY) -m training.tracking register --config $(CONFIG) $(if $(RUN),--run $(RUN)) --name $(or $(NAME),spamlingo) --alias $(or $(ALIAS),champion)
 
 serve: $(STAMP) ## serve BUNDLE (default: newest bundle) on 127.0.0.1:PORT
-	$(VENV)/bin/spamlingo-serve $(if $(BUNDLE),--bundle $(BUNDLE)) --port $(PORT)
+	$(VENV)/bin/spamlingo-serve $(if $(BUNDLE),--bundle $(BUNDLE)) --port $(PORT) $(ARGS)
 
 predict: $(STAMP) ## classify TEXT="..." (or lines on stdin) through the server on PORT
 	$(if $(TEXT),echo "$(TEXT)" | )$(VENV)/bin/spamlingo-predict --url http://127.0.0.1:$(PORT)
