@@ -180,6 +180,16 @@ def test_explicit_texts_and_no_optimisation(tiny_model_dir, tmp_path):
     assert "Attention" not in ops and "MatMul" in ops  # the plain graph, no ONNX Runtime fusions
 
 
+def test_dynamo_exporter_also_passes_parity(tiny_model_dir, tmp_path):
+    # The fallback path of --exporter auto: the torch.export-based exporter (opset 18 converted to 17).
+    res = export_bundle(_cfg("export.optimize=false"), tiny_model_dir, texts=MIXED, labels=[1, 0] * 5,
+                        out_root=tmp_path, name="t", exporter="dynamo", show=False, threads=1)
+    g = res.manifest["graph"]
+    assert g["exporter"] == "dynamo" and g["opset"] == 17
+    assert res.manifest["parity"]["fp32"]["passed"]
+    assert res.manifest["parity"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+
+
 def test_missing_validation_data_is_a_clear_error(tiny_model_dir, tmp_path):
     d = Path(shutil.copytree(tiny_model_dir, tmp_path / "runs" / "x" / "model"))
     meta = json.loads((d / "spamlingo.json").read_text(encoding="utf-8"))

@@ -60,11 +60,14 @@ MIN_LANG_ROWS = 30
 # ONNX Runtime's transformer optimizer handles these encoder families as "bert".
 _FUSABLE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"}
 
-log = logging.getLogger("spamlingo.export")
-
 
 class ExportError(Exception):
     """The export cannot proceed or its result fails a gate: one clear line for the terminal."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else '(no message)'}"
 
 
 # ------------------------------------------------------------------------------------------ source
@@ -181,7 +184,7 @@ def load_torch_model(model_dir: Path):
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ExportError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]})") from None
+        raise ExportError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
     return model.eval()
 
 
@@ -445,15 +448,113 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _provisional(tmp: Path, manifest: dict, int8: str | None = None):
-    write_manifest(tmp, {**manifest, "models": {"fp32": FP32_FILE, "int8": int8}})
-    return load_bundle(tmp, verify=False)
+@dataclass
+class _Work:
+    """What the export steps share: the bundle being built (in a temporary directory) and the parity rows,
+    already prepared through serving's text path, with their PyTorch reference logits."""
+
+    tmp: Path
+    base: dict  # the manifest fields known before any graph exists
+    prepared: list[Prepared]
+    ref: Any  # np.ndarray (n, 2): PyTorch logits
+    threshold: float
+    threads: int
+
+    @property
+    def fp32(self) -> Path:
+        return self.tmp / FP32_FILE
+
+    def onnx_logits(self, variant: str = "fp32") -> tuple[Any, float]:
+        """Logits of the bundle's current graph through serving.inference.Classifier, and the seconds taken."""
+        write_manifest(self.tmp, {**self.base, "models": {"fp32": FP32_FILE,
+                                                          "int8": INT8_FILE if variant == "int8" else None}})
+        clf = Classifier(load_bundle(self.tmp, verify=False), variant, threads=self.threads)
+        t0 = time.perf_counter()
+        logits = clf.logits(self.prepared)
+        return logits, time.perf_counter() - t0
+
+    def fp32_gate(self, limit: float) -> dict:
+        return fp32_parity(self.ref, self.onnx_logits("fp32")[0], self.threshold, limit)
 
 
-def _timed_logits(clf: Classifier, prepared) -> tuple["np.ndarray", float]:
-    t0 = time.perf_counter()
-    logits = clf.logits(prepared)
-    return logits, time.perf_counter() - t0
+def _export_fp32(work: _Work, model, example, cfg_export, exporter: str, say) -> tuple[dict, dict]:
+    """The first exporter whose graph passes fp32 parity; ExportError when none does."""
+    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    attempts = []
+    for which in order:
+        try:
+            info = export_graph(model, work.fp32, example, cfg_export.opset, which)
+        except Exception as e:  # an exporter failure is a reason to try the next one, not a crash
+            attempts.append({"exporter": which, "error": _first_line(e)})
+            say(f"  {which} exporter failed: {attempts[-1]['error']}")
+            continue
+        gate = work.fp32_gate(cfg_export.max_abs_logit_diff)
+        attempts.append({"exporter": which, "max_abs_logit_diff": gate["max_abs_logit_diff"],
+                         "label_mismatches": gate["label_mismatches"], "passed": gate["passed"]})
+        if gate["passed"]:
+            return {**info, "attempts": attempts}, gate
+        say(f"  {which} graph fails fp32 parity: max |Δlogit| {gate['max_abs_logit_diff']:.3g}, "
+            f"{gate['label_mismatches']} label mismatches")
+    raise ExportError(f"fp32 parity failed for every exporter ({', '.join(order)}): " + "; ".join(
+        f"{a['exporter']}: " + (a.get("error") or f"max |Δlogit| {a['max_abs_logit_diff']:.3g} (limit "
+                                                  f"{cfg_export.max_abs_logit_diff}), {a['label_mismatches']} label mismatches")
+        for a in attempts))
+
+
+def _fuse(work: _Work, model_config, gate: dict, limit: float) -> tuple[dict, dict]:
+    """Replace the fp32 graph by its fused form when that passes the same parity gate."""
+    fused = work.tmp / ".fused.onnx"
+    try:
+        opt = optimize_graph(work.fp32, fused, model_config)
+    except Exception as e:
+        opt = {"applied": False, "reason": f"optimizer failed: {_first_line(e, 200)}"}
+    if not opt.get("applied"):
+        return opt, gate
+    plain = work.tmp / ".plain.onnx"
+    work.fp32.rename(plain)
+    fused.rename(work.fp32)
+    fused_gate = work.fp32_gate(limit)
+    if fused_gate["passed"]:
+        plain.unlink()
+        return opt, fused_gate
+    work.fp32.unlink()
+    plain.rename(work.fp32)
+    return {"applied": False, "fused": opt["fused"],
+            "reason": f"fused graph failed parity (max |Δlogit| {fused_gate['max_abs_logit_diff']:.3g}, "
+                      f"{fused_gate['label_mismatches']} label mismatches); kept the plain graph"}, gate
+
+
+def _int8(work: _Work, labels, langs, p32, num_layers: int, cfg_export, show: bool):
+    """Try the int8 recipes in order; returns (int8 record, gate of the shipped recipe or None,
+    spam probabilities of the shipped graph or None, seconds of its parity pass or None)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    record: dict[str, Any] = {"status": "failed", "recipe": None, "reason": "", "attempts": []}
+    qpath = work.tmp / INT8_FILE
+    for recipe in tqdm(int8_recipes(work.fp32, num_layers), desc="int8 recipes", unit="recipe",
+                       disable=not show, leave=False):
+        shown = {k: (len(v) if k == "nodes_to_exclude" else v) for k, v in recipe.items()}
+        try:
+            quantize(work.fp32, qpath, recipe)
+            logits8, seconds = work.onnx_logits("int8")
+        except Exception as e:  # a recipe ONNX Runtime cannot build or run is a failed recipe
+            record["attempts"].append({**shown, "error": _first_line(e)})
+            qpath.unlink(missing_ok=True)
+            continue
+        p8 = spam_probability(logits8)
+        gate = int8_parity(labels, langs, p32, p8, work.threshold, cfg_export.int8_min_agreement,
+                           cfg_export.int8_max_f1_drop)
+        record["attempts"].append({**shown, "label_agreement": gate["label_agreement"],
+                                   "f1_drop": gate["scopes"]["overall"]["f1_drop"],
+                                   "passed": gate["passed"], "reason": gate["reason"]})
+        if gate["passed"]:
+            record.update(status="passed", recipe=recipe)
+            return record, gate, np.asarray(p8), seconds
+        qpath.unlink(missing_ok=True)
+    record["reason"] = "no int8 recipe passed the gates (" + "; ".join(
+        f"{a['name']}: {a.get('reason') or a.get('error')}" for a in record["attempts"]) + ")"
+    return record, None, None, None
 
 
 def _metrics_at(labels, probs, langs, threshold) -> dict:
@@ -462,6 +563,17 @@ def _metrics_at(labels, probs, langs, threshold) -> dict:
     keep = ("support", "positives", "precision", "recall", "f1", "fpr", "accuracy", "roc_auc", "pr_auc")
     g = grouped_metrics(labels, probs, threshold, {"lang": list(langs)})
     return {scope: {k: m[k] for k in keep} for scope, m in g.items()}
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Swap the finished bundle into place; a server reading the old one never sees a half-written one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{time.time_ns()}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_bundle(
@@ -476,14 +588,13 @@ def export_bundle(
     show: bool = True,
     threads: int = 0,
 ) -> ExportResult:
-    """Export `model_dir` (DESIGN §3) into `<out_root or export.output_dir>/<name>/`. Parity is measured on
-    `texts`/`labels` when given, else on the model's validation split. Raises ExportError when fp32 parity
-    fails (nothing is written then). `threads`: torch and ONNX Runtime threads for the parity passes
-    (0 = their defaults)."""
-    import numpy as np
+    """Export `model_dir` (DESIGN §3) into `<out_root or export.output_dir>/<name>/`.
+
+    Parity is measured on `texts`/`labels` when given, else on the model's validation split. Raises
+    ExportError when fp32 parity fails (nothing is written then). `threads`: torch and ONNX Runtime
+    threads for the parity passes (0 = their defaults)."""
     import onnxruntime
     import torch
-    from tqdm.auto import tqdm
 
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -496,12 +607,11 @@ def export_bundle(
         raise ExportError(f"{model_dir / MODEL_META}: invalid 'text' settings: {e}") from None
     threshold = float(meta["threshold"])
     run_id = meta.get("mlflow_run_id")
-
     if texts is None:
         data = load_parity_data(model_dir, meta, cfg, ecfg.parity_rows)
+    elif labels is None or len(labels) != len(texts):
+        raise ExportError("explicit parity texts need one label each")
     else:
-        if labels is None or len(labels) != len(texts):
-            raise ExportError("explicit parity texts need one label each")
         data = ParityData(list(texts), [int(x) for x in labels], f"{len(texts)} given texts")
     if not data.texts:
         raise ExportError("no texts for the parity gates")
@@ -509,182 +619,75 @@ def export_bundle(
     out_root = resolve_path(out_root or ecfg.output_dir)
     name = name or bundle_name(model_dir, meta, _mlflow_run_name(run_id, cfg))
     out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else (lambda msg: None)
-    notes: list[str] = []
+    say(f"export: {model_dir} -> {out_root / name}  (parity rows: {data.source})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))  # dot: newest_bundle skips it
     torch_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         shutil.copyfile(model_dir / TOKENIZER, tmp / TOKENIZER)
-        base = {
-            "format_version": FORMAT_VERSION,
-            "labels": list(meta["labels"]),
-            "threshold": threshold,
-            "threshold_rule": meta.get("threshold_rule"),
-            "text": settings.to_dict(),
-            "inputs": list(GRAPH_INPUTS),
-            "output": OUTPUT,
-        }
+        base = {"format_version": FORMAT_VERSION, "labels": list(meta["labels"]), "threshold": threshold,
+                "threshold_rule": meta.get("threshold_rule"), "text": settings.to_dict(),
+                "inputs": list(GRAPH_INPUTS), "output": OUTPUT}
         model = load_torch_model(model_dir)
-        num_layers = int(getattr(model.config, "num_hidden_layers", 1) or 1)
-
-        # Text preparation through serving's code path (the bundle's tokenizer and settings), once;
-        # PyTorch reference logits on exactly those ids.
-        placeholder = tmp / FP32_FILE
-        say(f"export: {model_dir} -> {out_root / name}  ({len(data.texts)} parity rows: {data.source})")
+        # Text prepared once through serving's path, with the bundle's own tokenizer.json and settings;
+        # the PyTorch reference runs on exactly those token ids.
         encoder = Encoder.from_file(str(tmp / TOKENIZER), settings)
         prepared = prepare_texts(encoder, settings, data.texts)
         langs = [p.lang for p in prepared]
         t0 = time.perf_counter()
         ref = torch_logits(model, encoder, prepared, show=show)
         torch_seconds = time.perf_counter() - t0
-        example = _example_batch(encoder, prepared)
+        work = _Work(tmp, base, prepared, ref, threshold, threads)
 
-        # fp32 graph: exporter(s) in order, then optional fusions, each kept only if it passes the gate.
-        order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-        graph_info, fp32_gate, attempts = None, None, []
         if hasattr(model, "set_attn_implementation"):
-            with contextlib.suppress(Exception):
-                model.set_attn_implementation("eager")  # the attention pattern ONNX Runtime fuses
-        for which in order:
-            try:
-                info = export_graph(model, placeholder, example, ecfg.opset, which)
-            except Exception as e:  # an exporter failure is a reason to try the next one, not a crash
-                attempts.append({"exporter": which, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
-                say(f"  {which} exporter failed: {attempts[-1]['error']}")
-                continue
-            clf = Classifier(_provisional(tmp, base), "fp32", threads=threads)
-            logits, _ = _timed_logits(clf, prepared)
-            gate = fp32_parity(ref, logits, threshold, ecfg.max_abs_logit_diff)
-            attempts.append({"exporter": which, **{k: gate[k] for k in ("max_abs_logit_diff", "label_mismatches", "passed")}})
-            if gate["passed"]:
-                graph_info, fp32_gate = info, gate
-                break
-            say(f"  {which} graph fails fp32 parity: max |Δlogit| {gate['max_abs_logit_diff']:.3g}, "
-                f"{gate['label_mismatches']} label mismatches")
-        if graph_info is None:
-            last = attempts[-1] if attempts else {}
-            raise ExportError(
-                f"fp32 parity failed for every exporter ({', '.join(order)}): "
-                + "; ".join(f"{a['exporter']}: " + (a.get("error") or f"max |Δlogit| {a['max_abs_logit_diff']:.3g} "
-                                                    f"(limit {ecfg.max_abs_logit_diff}), {a['label_mismatches']} label mismatches")
-                            for a in attempts)
-                + ("" if last else "")
-            )
-        graph_info["attempts"] = attempts
-        graph_info["onnxruntime"] = onnxruntime.__version__
-
+            with contextlib.suppress(Exception):  # the attention pattern ONNX Runtime's fusions match
+                model.set_attn_implementation("eager")
+        graph, fp32_gate = _export_fp32(work, model, _example_batch(encoder, prepared), ecfg, exporter, say)
+        graph["onnxruntime"] = onnxruntime.__version__
         if ecfg.optimize:
-            fused_path = tmp / ".fused.onnx"
-            try:
-                opt = optimize_graph(placeholder, fused_path, model.config)
-            except Exception as e:
-                opt = {"applied": False, "reason": f"optimizer failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            if opt.get("applied"):
-                plain = tmp / ".plain.onnx"
-                placeholder.rename(plain)
-                fused_path.rename(placeholder)
-                logits, _ = _timed_logits(Classifier(_provisional(tmp, base), "fp32", threads=threads), prepared)
-                gate = fp32_parity(ref, logits, threshold, ecfg.max_abs_logit_diff)
-                if gate["passed"]:
-                    fp32_gate = gate
-                    plain.unlink()
-                else:
-                    opt = {"applied": False, "fused": opt["fused"],
-                           "reason": f"fused graph failed parity (max |Δlogit| {gate['max_abs_logit_diff']:.3g}, "
-                                     f"{gate['label_mismatches']} label mismatches); kept the plain graph"}
-                    placeholder.unlink()
-                    plain.rename(placeholder)
-            fused_path.unlink(missing_ok=True)
-            graph_info["optimization"] = opt
+            graph["optimization"], fp32_gate = _fuse(work, model.config, fp32_gate, ecfg.max_abs_logit_diff)
         else:
-            graph_info["optimization"] = {"applied": False, "reason": "export.optimize=false"}
-
-        clf32 = Classifier(_provisional(tmp, base), "fp32", threads=threads)
-        logits32, fp32_seconds = _timed_logits(clf32, prepared)
+            graph["optimization"] = {"applied": False, "reason": "export.optimize=false"}
+        logits32, fp32_seconds = work.onnx_logits("fp32")
         p32 = spam_probability(logits32)
-        del clf32
 
-        # int8: remedies in order until one passes.
-        int8_info: dict[str, Any] = {"status": "failed", "recipe": None, "reason": "", "attempts": []}
-        p8, int8_seconds = None, None
-        qpath = tmp / INT8_FILE
-        recipes = int8_recipes(placeholder, num_layers)
-        for recipe in tqdm(recipes, desc="int8 remedies", unit="recipe", disable=not show, leave=False):
-            shown = {k: (v if k != "nodes_to_exclude" else len(v)) for k, v in recipe.items()}
-            try:
-                quantize(placeholder, qpath, recipe)
-                clf8 = Classifier(_provisional(tmp, base, INT8_FILE), "int8", threads=threads)
-                logits8, secs = _timed_logits(clf8, prepared)
-                del clf8
-            except Exception as e:
-                int8_info["attempts"].append({**shown, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
-                qpath.unlink(missing_ok=True)
-                continue
-            q = spam_probability(logits8)
-            gate = int8_parity(data.labels, langs, p32, q, threshold, ecfg.int8_min_agreement, ecfg.int8_max_f1_drop)
-            int8_info["attempts"].append({**shown, "label_agreement": gate["label_agreement"],
-                                          "f1_drop": gate["scopes"]["overall"]["f1_drop"],
-                                          "passed": gate["passed"], "reason": gate["reason"]})
-            if gate["passed"]:
-                int8_info.update(status="passed", recipe=recipe, reason="", gate=gate)
-                p8, int8_seconds = q, secs
-                break
-            qpath.unlink(missing_ok=True)
-        if p8 is None:
-            last = int8_info["attempts"][-1] if int8_info["attempts"] else {}
-            int8_info["reason"] = ("no int8 recipe passed the gates (" + "; ".join(
-                f"{a['name']}: {a.get('reason') or a.get('error')}" for a in int8_info["attempts"]) + ")")
-            notes.append(f"int8 not shipped: {int8_info['reason']}")
-            del last
+        num_layers = int(getattr(model.config, "num_hidden_layers", 1) or 1)
+        int8, int8_gate, p8, int8_seconds = _int8(work, data.labels, langs, p32, num_layers, ecfg, show)
+        notes = [] if p8 is not None else [f"int8 not shipped: {int8['reason']}"]
 
         n = len(prepared)
-        parity = {
-            "rows": n,
-            "data": data.source,
-            "fp32": fp32_gate,
-            "int8": int8_info.get("gate") or (None if p8 is None else {}),
-        }
-        speed = {"rows": n, "torch_ms_per_text": 1000 * torch_seconds / n,
-                 "fp32_ms_per_text": 1000 * fp32_seconds / n}
-        if int8_seconds is not None:
-            speed["int8_ms_per_text"] = 1000 * int8_seconds / n
-        export_metrics = {"rows": n, "fp32": _metrics_at(data.labels, p32, langs, threshold)}
+        speed = {"rows": n, "torch_ms_per_text": 1000 * torch_seconds / n, "fp32_ms_per_text": 1000 * fp32_seconds / n}
+        metrics = {"rows": n, "fp32": _metrics_at(data.labels, p32, langs, threshold)}
         if p8 is not None:
-            export_metrics["int8"] = _metrics_at(data.labels, p8, langs, threshold)
+            speed["int8_ms_per_text"] = 1000 * int8_seconds / n
+            metrics["int8"] = _metrics_at(data.labels, p8, langs, threshold)
         manifest = {
             **base,
             "models": {"fp32": FP32_FILE, "int8": INT8_FILE if p8 is not None else None},
-            "int8": {k: v for k, v in int8_info.items() if k != "gate"},
-            "parity": parity,
-            "graph": graph_info,
-            "metrics": {"training": meta.get("metrics", {}), "export": export_metrics, "speed_at_export": speed},
+            "int8": int8,
+            "parity": {"rows": n, "data": data.source, "fp32": fp32_gate, "int8": int8_gate},
+            "graph": graph,
+            "metrics": {"training": meta.get("metrics", {}), "export": metrics, "speed_at_export": speed},
             "source": {"mlflow_run_id": run_id, "backbone": meta.get("backbone"), "model_dir": str(model_dir),
                        "data_hash": meta.get("data_hash")},
             "export_config": asdict(ecfg),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        for p in tmp.iterdir():
+        for p in tmp.iterdir():  # scratch files (.plain/.fused/.shapes graphs, manifest temp files)
             if p.name.startswith("."):
                 p.unlink()
         write_manifest(tmp, _nan_to_none(manifest))
-        loaded = load_bundle(tmp)  # the bundle verifies as the server will load it
+        load_bundle(tmp)  # verifies as the server will load it
         target = out_root / name
-        old = None
-        if target.exists():
-            old = out_root / f".{name}.old-{int(time.time())}"
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         torch.set_num_threads(torch_threads)
     manifest = json.loads((target / "bundle.json").read_text(encoding="utf-8"))
-    del loaded
     return ExportResult(target, manifest, p8 is not None, parity_table(manifest), notes)
 
 
@@ -770,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         logged = log_to_mlflow(result, cfg, args.register)
     except Exception as e:  # the bundle is on disk and valid; a tracking problem must not hide that
-        msg = getattr(e, "message", None) or str(e).splitlines()[0]
+        msg = getattr(e, "message", None) or _first_line(e)
         print(f"warning: bundle not logged to MLflow: {msg}", file=sys.stderr)
         if args.register:
             fail(f"registering the bundle failed: {msg}")
