@@ -234,6 +234,14 @@ def test_cli_bad_run_is_one_line(tmp_path):
         f"error: {tmp_path / 'plain'} is not a trained model directory (no spamlingo.json in it)"]
 
 
+def test_register_needs_an_mlflow_run(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(tiny_model_dir), "--register", "x", f"export.output_dir={tmp_path}"])
+    assert exc.value.code != 0
+    assert "--register needs a model from an MLflow run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory) -> str:
     """One SQLite MLflow store for this module's tests (creating one costs seconds of migrations)."""

@@ -129,8 +129,10 @@ def _mlflow_run_name(run_id: str | None, cfg: Config) -> str | None:
     try:
         from training import tracking
 
+        from mlflow import MlflowClient
+
         tracking.setup(cfg)
-        return tracking._client().get_run(run_id).info.run_name
+        return MlflowClient().get_run(run_id).info.run_name
     except Exception:  # the model dir may come from another store; the directory name will do
         return None
 
@@ -181,6 +183,7 @@ def load_torch_model(model_dir: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" of a model this command just trained
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -469,6 +472,7 @@ class _Work:
         write_manifest(self.tmp, {**self.base, "models": {"fp32": FP32_FILE,
                                                           "int8": INT8_FILE if variant == "int8" else None}})
         clf = Classifier(load_bundle(self.tmp, verify=False), variant, threads=self.threads)
+        clf.logits(self.prepared[:1])  # warm-up: the first run allocates; keep it out of the timing
         t0 = time.perf_counter()
         logits = clf.logits(self.prepared)
         return logits, time.perf_counter() - t0
@@ -636,6 +640,7 @@ def export_bundle(
         encoder = Encoder.from_file(str(tmp / TOKENIZER), settings)
         prepared = prepare_texts(encoder, settings, data.texts)
         langs = [p.lang for p in prepared]
+        torch_logits(model, encoder, prepared[:1])  # warm-up, kept out of the timing
         t0 = time.perf_counter()
         ref = torch_logits(model, encoder, prepared, show=show)
         torch_seconds = time.perf_counter() - t0
@@ -723,7 +728,11 @@ def parity_table(manifest: dict) -> str:
         for scope, s in gate["scopes"].items():
             lines.append(f"| {scope} | {s['rows']} | {_f(s['agreement'])} | {_f(s['f1_fp32'])} | {_f(s['f1_int8'])} | "
                          f"{_f(s['f1_drop'])} | {'yes' if s['gated'] else 'no (<' + str(MIN_LANG_ROWS) + ' rows)'} |")
-    lines += ["", "files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in manifest["files"].items())]
+    speed = manifest.get("metrics", {}).get("speed_at_export", {})
+    if speed:
+        lines += ["", "speed at export (ms per text, parity batches): " + ", ".join(
+            f"{k.removesuffix('_ms_per_text')} {v:.2f}" for k, v in speed.items() if k.endswith("_ms_per_text"))]
+    lines += ["files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in manifest["files"].items())]
     lines.append(f"int8: {q['status']}" + (f" ({q['recipe']['name']})" if q.get("recipe") else f" — {q.get('reason')}"))
     return "\n".join(lines)
 
@@ -736,10 +745,12 @@ def log_to_mlflow(result: ExportResult, cfg: Config, register: str | None = None
     run_id = result.manifest["source"].get("mlflow_run_id")
     if not run_id:
         return {}
+    from mlflow import MlflowClient
+
     from training import tracking
 
     tracking.setup(cfg)
-    tracking._client().log_artifacts(run_id, str(result.bundle_dir), "bundle")
+    MlflowClient().log_artifacts(run_id, str(result.bundle_dir), "bundle")
     out = {"logged": f"runs:/{run_id}/bundle"}
     if register:
         out["registered"] = tracking.register(run_id, register, "", cfg)
