@@ -21,10 +21,9 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
 
@@ -40,7 +39,7 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 class TrainResult:
     model_dir: Path | None  # None on ranks other than 0
     run_id: str | None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)  # {"val": {...}, "test": {...}} overall
     global_step: int = 0
     resumed_from_step: int | None = None  # the checkpoint step a resumed run started from
     samples_per_second: float = 0.0
@@ -420,6 +419,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.early_stopping_patience must be >= 0")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    from training.metrics import THRESHOLD_RULES
+
+    # checked now rather than after an hour of training
+    if cfg.eval.threshold_rule not in THRESHOLD_RULES:
+        raise ConfigError(f"eval.threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, "
+                          f"got {cfg.eval.threshold_rule!r}")
+    if not 0.0 <= cfg.eval.target_fpr < 1.0:
+        raise ConfigError(f"eval.target_fpr must be in [0, 1), got {cfg.eval.target_fpr}")
     text_settings(cfg)
 
 
@@ -624,7 +631,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
 
     from training import tracking
     from training.evaluate import evaluate_model_dir, predict_proba
-    from training.metrics import threshold_choice
+    from training.metrics import ThresholdWarning, threshold_choice
 
     out_dir = resolve_path(cfg.train.output_dir)
     model = trainer.model  # the best checkpoint (load_best_model_at_end)
@@ -632,16 +639,16 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     y_val = list(val["label"])
     p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
                           desc="validation split")
-    try:
+    with warnings.catch_warnings():  # its note is printed below and kept in spamlingo.json
+        warnings.simplefilter("ignore", ThresholdWarning)
         choice = threshold_choice(y_val, p_val, cfg.eval.threshold_rule, cfg.eval.target_fpr)
-    except ValueError as e:  # an unknown rule or an impossible target FPR
-        raise ConfigError(f"eval: {e}") from None
     threshold = choice["threshold"]
     print(f"threshold {threshold:.6g} ({cfg.eval.threshold_rule}, target FPR {cfg.eval.target_fpr:g}): validation "
           f"precision {choice['val_precision']:.4f}, recall {choice['val_recall']:.4f}, FPR {choice['val_fpr']:.4f}"
           + (f"; {choice['note']}" if choice["note"] else ""), flush=True)
     groups = {"source": list(val["source"]), "lang": list(val["lang"])}
-    val_grouped = tracking.log_evaluation(y_val, p_val, threshold, groups, "validation",
+    # validation: metrics and metrics_val.md; the plots are drawn for the test split
+    val_grouped = tracking.log_evaluation(y_val, p_val, threshold, groups, "validation", plots=False,
                                           title=f"{cfg.model.backbone} validation", out_dir=out_dir / "eval")
 
     meta = {

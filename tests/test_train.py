@@ -1,0 +1,336 @@
+"""Training loop: the real smoke config shrunk (tiny backbone, ~200 training rows), a real MLflow store in
+tmp_path; end to end in-process, a failing run, kill + resume in subprocesses, two-process DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training.config import ROOT, ConfigError, load_config
+from training.train import (
+    BalancedSampler,
+    Collator,
+    EncodedDataset,
+    LengthGroupedSampler,
+    cap_training_rows,
+    class_weights,
+    last_complete_checkpoint,
+    main,
+    resolve_precision,
+)
+
+SMOKE = "configs/smoke.yaml"
+# The smoke config with fewer rows and a narrower tiny model: ~210 training rows, 28 validation, 40 test.
+SHRINK = [
+    "data.corpora.uci_sms.cap=80", "data.corpora.zh_sms.cap=80", "data.corpora.spamassassin.cap=60",
+    "data.corpora.enron.cap=60", "model.tiny_hidden=32", "train.batch_size=16",
+]
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The shrunk smoke data prepared once per session (every test below trains on the same rows)."""
+    from training.data import ensure_prepared
+
+    data_dir = tmp_path_factory.mktemp("smoke_data") / "processed"
+    return ensure_prepared(load_config(SMOKE, SHRINK + [f"data.output_dir={data_dir}"]))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads of a tiny model mostly wait on each other
+    (measured 20x slower under load); the subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def overrides(prepared: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return SHRINK + [f"data.output_dir={prepared}", f"train.output_dir={tmp_path / 'run'}",
+                     "tracking.experiment=test-train", *extra]
+
+
+def runs(store: str, experiment: str = "test-train"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def artifacts(client, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+def subprocess_env(store: str) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_cap_training_rows_per_source_and_overall_keeps_label_mix():
+    from datasets import Dataset
+
+    rows = [{"source": s, "label": int(i % 4 == 0), "text": f"{s}{i}"} for s in ("a", "b") for i in range(100)]
+    ds = Dataset.from_list(rows)
+    capped = cap_training_rows(ds, max_rows_per_source=40, max_train_rows=0, seed=1)
+    assert [capped["source"].count(s) for s in ("a", "b")] == [40, 40]
+    assert sum(capped["label"]) == 20  # 25% spam in each source, kept
+    again = cap_training_rows(ds, 40, 0, seed=1)
+    assert capped["text"] == again["text"]
+    assert capped["text"] != cap_training_rows(ds, 40, 0, seed=2)["text"]
+    both = cap_training_rows(ds, 40, 30, seed=1)
+    assert len(both) == 30 and sum(both["label"]) in (7, 8) and set(both["text"]) <= set(capped["text"])
+    assert len(cap_training_rows(ds, 0, 0, seed=1)) == 200
+    with pytest.raises(ConfigError):
+        cap_training_rows(ds, -1, 0, seed=1)
+
+
+def test_samplers_are_seeded_per_epoch_and_do_their_job():
+    lengths = [(i * 37) % 50 + 3 for i in range(400)]
+    s = LengthGroupedSampler(lengths, batch_size=8, seed=5)
+    first = list(s)
+    assert sorted(first) == list(range(400)) and list(s) == first  # a permutation, replayable
+    s.set_epoch(1)
+    assert list(s) != first
+    # batches hold similar lengths: far less padding than random batches
+    def padding(order):
+        return sum(max(lengths[i] for i in order[k:k + 8]) * 8 - sum(lengths[i] for i in order[k:k + 8])
+                   for k in range(0, 400, 8))
+    assert padding(first) < 0.3 * padding(list(range(400)))
+
+    labels = [1] * 20 + [0] * 380
+    b = BalancedSampler(labels, seed=3)
+    drawn = list(b)
+    assert len(drawn) == 400 and list(b) == drawn
+    assert 0.4 < sum(labels[i] for i in drawn) / 400 < 0.6  # 5% spam drawn as about half
+    assert class_weights(labels) == pytest.approx([400 / 760, 400 / 40])
+
+
+def test_collator_pads_each_batch_to_its_longest_row():
+    from serving.text import Encoder, TextSettings
+    from training.backbone import e5_tokenizer_file
+
+    enc = Encoder.from_file(str(e5_tokenizer_file()), TextSettings(max_length=16))
+    ds = EncodedDataset([e.input_ids for e in enc.encode_batch(["hi", "win a free prize now", "你好"])], [0, 1, 0])
+    batch = Collator(enc)([ds[0], ds[2]])
+    assert batch["input_ids"].shape == (2, max(ds.lengths[0], ds.lengths[2]))
+    assert batch["attention_mask"].sum().item() == ds.lengths[0] + ds.lengths[2]
+    assert batch["labels"].tolist() == [0, 0]
+    assert Collator(enc)([ds[1]])["input_ids"].shape == (1, ds.lengths[1])
+    assert ds.sorted_by_length().lengths == sorted(ds.lengths)
+
+
+def test_last_complete_checkpoint_skips_one_cut_short(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((4, True), (8, True), (12, False), (9, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-8"
+
+
+def test_precision_on_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    assert resolve_precision("auto")[0] == "fp32"
+    assert resolve_precision("bf16")[0] == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_precision("fp16")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_train_end_to_end_logs_a_finished_run_with_a_loadable_model(prepared, tmp_path, store, capsys):
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification
+
+    from serving.text import Encoder, TextSettings
+    from training.evaluate import predict_proba
+    from training.tracking import resolve_model_dir
+
+    assert main(["--config", SMOKE, *overrides(prepared, tmp_path, "train.eval_every=5",
+                                               "tracking.register_as=spam-test")]) == 0
+    out = capsys.readouterr().out
+    assert "device: cpu" in out and "samples/s" in out
+    assert "| overall |" in out and "| lang=zh |" in out  # the test table
+
+    client, found = runs(store)
+    assert len(found) == 1
+    run = found[0]
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "16" and run.data.params["model.backbone"] == "tiny"
+    assert run.data.tags["spamlingo.kind"] == "transformer" and run.data.tags["git_commit"]
+    assert run.data.tags["data_hash"] == json.loads((prepared / "manifest.json").read_text())["dataset_hash"]
+    assert run.data.tags["device"].startswith("cpu") and run.data.tags["world_size"] == "1"
+    m = run.data.metrics
+    for key in ("test/overall/pr_auc", "test/source.zh_sms/recall", "test/lang.en/f1", "val/overall/pr_auc",
+                "threshold", "train/samples_per_second", "model/parameters", "model/size_mb"):
+        assert key in m, key
+    assert m["train/samples_per_second"] > 0
+    # curves: a loss point per validation pass and val/pr_auc at every evaluation (steps 5, 10, 14)
+    assert [h.step for h in client.get_metric_history(rid, "val/pr_auc")] == [5, 10, 14]
+    assert len(client.get_metric_history(rid, "train/loss")) >= 3
+    arts = artifacts(client, rid)
+    for name in ("config.yaml", "metrics.md", "metrics_val.md", "backbone.json", "model/spamlingo.json",
+                 "model/model.safetensors", "model/tokenizer.json", "plots/test_pr_curve.png"):
+        assert name in arts, name
+
+    # the model directory (DESIGN §3) is this run's, loads, and scores like the logged threshold says
+    model_dir = tmp_path / "run" / "model"
+    assert resolve_model_dir(rid) == model_dir
+    meta = json.loads((model_dir / "spamlingo.json").read_text())
+    assert meta["mlflow_run_id"] == rid and meta["backbone"] == "tiny" and meta["format_version"] == 1
+    assert meta["threshold"] == pytest.approx(m["threshold"]) and meta["threshold_rule"] == "max_recall_at_fpr"
+    assert meta["data_dir"] == str(prepared) and meta["data_hash"] == run.data.tags["data_hash"]
+    assert meta["metrics"]["test"]["pr_auc"] == pytest.approx(m["test/overall/pr_auc"])
+    assert meta["backbone_info"]["vocab_trim"]
+    settings = TextSettings.from_dict(meta["text"])
+    assert settings.max_length == 64 and settings.truncation == "head_tail"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    encoder = Encoder.from_file(str(model_dir / "tokenizer.json"), settings)
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(prepared / "dataset"))["test"]
+    p = predict_proba(model, encoder, list(test["text"]), progress=False)
+    from training.metrics import binary_metrics
+
+    assert binary_metrics(np.asarray(test["label"]), p, meta["threshold"])["f1"] == pytest.approx(
+        m.get("test/overall/f1", 0.0), abs=1e-9)
+    # best checkpoint kept, plus the newest for resuming
+    assert last_complete_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint-14"
+    # registered after training
+    assert [v.run_id for v in client.search_model_versions("name='spam-test'")] == [rid]
+
+
+def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, store, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", SMOKE, *overrides(prepared, tmp_path, "model.backbone=./no/such/model/dir")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.backbone=./no/such/model/dir") and "Traceback" not in "".join(err)
+    client, found = runs(store)
+    assert len(found) == 1 and found[0].info.status == "FAILED"
+    assert "no such model directory" in found[0].data.tags["spamlingo.error"]
+    assert "error.txt" in artifacts(client, found[0].info.run_id)
+
+
+def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", SMOKE, *overrides(prepared, tmp_path, "train.class_balance=oversample")])
+    assert exit_info.value.code == 2
+    assert "train.class_balance must be one of weighted_loss, sampler, none" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened
+
+
+# ------------------------------------------------------------------------------------------ resume, DDP
+
+
+def _run_until_checkpoint_after(cmd, env, ckpt_dir: Path, after: int, sig: int) -> subprocess.Popen:
+    """Start `cmd`, wait for a complete checkpoint newer than step `after`, send `sig`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        found = last_complete_checkpoint(ckpt_dir)
+        if found is not None and int(found.name.split("-")[1]) > after:
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before a new checkpoint:\n"
+                                 + proc.stdout.read())
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_interrupted_runs_resume_from_their_last_checkpoint(prepared, tmp_path, store):
+    # 40 steps of 8 rows (about 1.5 epochs: a resumed epoch replays its seeded order), checkpoints every 4
+    args = overrides(prepared, tmp_path, "train.batch_size=8", "train.max_steps=40", "train.eval_every=4",
+                     "train.early_stopping_patience=0")
+    cmd = [sys.executable, "-m", "training.train", "--config", SMOKE, *args]
+    env = subprocess_env(store)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+
+    # SIGTERM (a scheduler, `kill`): the run ends KILLED in MLflow, with a hint, exit status 130
+    proc = _run_until_checkpoint_after(cmd, env, ckpt_dir, 0, signal.SIGTERM)
+    assert proc.returncode == 130 and "train.resume=true" in proc.stdout.read()
+    run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()
+    client, found = runs(store)
+    assert [(r.info.run_id, r.info.status) for r in found] == [(run_id, "KILLED")]
+    first = int(last_complete_checkpoint(ckpt_dir).name.split("-")[1])
+
+    # resumed, then SIGKILL (nothing can close the run: it stays RUNNING; a half-written checkpoint is skipped)
+    proc = _run_until_checkpoint_after(cmd + ["train.resume=true"], env, ckpt_dir, first, signal.SIGKILL)
+    log = proc.stdout.read()
+    assert f"resuming from {ckpt_dir / f'checkpoint-{first}'} (step {first})" in log
+    assert [r.info.status for r in runs(store)[1]] == ["RUNNING"]
+    second = int(last_complete_checkpoint(ckpt_dir).name.split("-")[1])
+    assert first < second < 40 and second % 4 == 0
+
+    done = subprocess.run(cmd + ["train.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming from {ckpt_dir / f'checkpoint-{second}'} (step {second})" in done.stdout
+    state = json.loads((last_complete_checkpoint(ckpt_dir) / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+    # the history carries on from each checkpoint: every evaluation once, none lost, none repeated
+    assert [h["step"] for h in state["log_history"] if "eval_pr_auc" in h] == list(range(4, 41, 4))
+    # one MLflow run throughout, finished, with curves from before and after the interruptions
+    client, found = runs(store)
+    assert [(r.info.run_id, r.info.status) for r in found] == [(run_id, "FINISHED")]
+    assert "train.resume" in found[0].data.tags.get("spamlingo.resume_changed", "")
+    assert {4, first, second, 40} <= {h.step for h in client.get_metric_history(run_id, "val/pr_auc")}
+    assert json.loads((tmp_path / "run" / "model" / "spamlingo.json").read_text())["mlflow_run_id"] == run_id
+
+
+def test_two_process_ddp_with_gloo_trains_once_and_writes_one_model(prepared, tmp_path, store):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.train", "--config", SMOKE,
+           *overrides(prepared, tmp_path, "train.eval_every=0")]
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(store), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("device: cpu") == 1  # only rank 0 reports
+    assert done.stdout.count("| overall |") == 1
+    client, found = runs(store)
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    run = found[0]
+    assert run.data.tags["world_size"] == "2"
+    # each rank takes half of every round: one epoch of 212 rows at 16 per rank is 7 steps, not 14
+    rows = int(run.data.metrics["data/train_rows"])
+    assert run.data.metrics["train/steps"] == -(-rows // 32)
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val/pr_auc")] == [-(-rows // 32)]
+    model_dirs = [p.parent for p in (tmp_path / "run").rglob("spamlingo.json")]
+    assert model_dirs == [tmp_path / "run" / "model"]
+    meta = json.loads((tmp_path / "run" / "model" / "spamlingo.json").read_text())
+    assert meta["mlflow_run_id"] == run.info.run_id
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
