@@ -159,11 +159,22 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
     assert m["int8"]["status"] == "failed" and "label agreement" in m["int8"]["reason"]
     names = [a["name"] for a in m["int8"]["attempts"]]
     assert names == ["plain", "per_channel", "per_channel_reduce_range", "exclude_sensitive", "weight_only"]
+    assert not [a for a in m["int8"]["attempts"] if "error" in a]  # every recipe built and ran
     assert m["parity"]["rows"] == 20 and "20 of 48" in m["parity"]["data"]
     assert res.warnings and "int8 not shipped" in res.warnings[0]
     b = load_bundle(res.bundle_dir)
     assert Classifier(b, variant="auto").variant == "fp32"
     assert "int8: failed" in res.table
+
+
+def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):
+    from training.export import _sensitive_nodes
+
+    nodes = _sensitive_nodes(tiny_bundle / "model.onnx", num_layers=2)
+    tail = nodes["last_layer_and_head"]
+    assert "Attention_1" in tail and "Attention_0" not in tail  # fused nodes placed by graph order
+    assert any("layer.1/" in n for n in tail) and not any("layer.0/" in n for n in tail)
+    assert nodes["embeddings"] == ["EmbedLayerNormalization_0"]
 
 
 def test_explicit_texts_and_no_optimisation(tiny_model_dir, tmp_path):

@@ -365,37 +365,45 @@ def int8_parity(labels, langs, p_fp32, p_int8, threshold: float, min_agreement: 
 # ------------------------------------------------------------------------------------------ int8
 
 
-def _quantizable_layer_nodes(path: Path, num_layers: int) -> dict:
-    """Names of the nodes the 'exclude' remedy keeps in fp32: the MatMul/Attention nodes of the last
-    encoder layer (found by the layer index in the node name, else the last 1/num_layers of them in
-    topological order) and the embedding lookups."""
+def _sensitive_nodes(path: Path, num_layers: int) -> dict:
+    """Names of the nodes the 'exclude_sensitive' recipe keeps in fp32: the weight-bearing MatMul/Attention
+    nodes of the last encoder layer and the head, and the embedding lookups.
+
+    (The pooler and classifier are Gemm nodes, which dynamic quantisation leaves in fp32 anyway.)
+    The last layer starts after the last node named for the layer before it ("…/layer.10/…"): a fused
+    Attention node carries no layer in its name but sits in the graph's (topological) order. Without
+    layer names at all, the last 1/num_layers of those nodes is taken."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    mm = [n for n in graph.node if n.op_type in ("MatMul", "Attention") and n.name]
-    by_layer: dict[int, list[str]] = {}
-    for n in mm:
+    nodes = list(graph.node)
+    weighted = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Attention") and n.name]
+    layer_of = {}
+    for i, n in enumerate(nodes):
         found = re.findall(r"layers?[._/](\d+)[._/]", n.name + "/")
         if found:
-            by_layer.setdefault(int(found[-1]), []).append(n.name)
-    if by_layer:
-        last = by_layer[max(by_layer)]
+            layer_of[i] = int(found[-1])
+    if layer_of and max(layer_of.values()) > 0:
+        before_last = max(layer_of.values()) - 1
+        boundary = max(i for i, layer in layer_of.items() if layer == before_last)
+        tail = [nodes[i].name for i in weighted if i > boundary]
     else:
-        k = max(1, math.ceil(len(mm) / max(1, num_layers)))
-        last = [n.name for n in mm[-k:]]
-    emb = [n.name for n in graph.node if n.name and n.op_type in ("Gather", "EmbedLayerNormalization")
-           and any(i in {t.name for t in graph.initializer} for i in n.input)]
-    return {"last_layer": last, "embeddings": emb}
+        k = max(1, math.ceil(len(weighted) / max(1, num_layers)))
+        tail = [nodes[i].name for i in weighted[-k:]]
+    initializers = {t.name for t in graph.initializer}
+    emb = [n.name for n in nodes if n.name and n.op_type in ("Gather", "EmbedLayerNormalization")
+           and any(i in initializers for i in n.input)]
+    return {"last_layer_and_head": tail, "embeddings": emb}
 
 
 def int8_recipes(fp32_path: Path, num_layers: int) -> list[dict]:
-    nodes = _quantizable_layer_nodes(fp32_path, num_layers)
+    nodes = _sensitive_nodes(fp32_path, num_layers)
     return [
         {"name": "plain", "method": "dynamic", "per_channel": False, "reduce_range": False},
         {"name": "per_channel", "method": "dynamic", "per_channel": True, "reduce_range": False},
         {"name": "per_channel_reduce_range", "method": "dynamic", "per_channel": True, "reduce_range": True},
         {"name": "exclude_sensitive", "method": "dynamic", "per_channel": True, "reduce_range": False,
-         "nodes_to_exclude": nodes["last_layer"] + nodes["embeddings"]},
+         "nodes_to_exclude": nodes["last_layer_and_head"] + nodes["embeddings"]},
         {"name": "weight_only", "method": "weight_only", "bits": 8, "block_size": 32, "symmetric": True},
     ]
 
