@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from serving.bundle import Bundle, BundleError
-from serving.text import Encoded, Encoder, language_tag, normalize
+from serving.text import Encoded, Encoder, TextSettings, language_tag, normalize
 
 # Inputs a graph may take and how each is made from the encoder's (ids, mask). An encoder exported with
 # token_type_ids gets zeros: every message is a single segment.
@@ -86,7 +86,7 @@ class Prepared:
         return len(self.encoded.input_ids)
 
 
-def prepare_texts(encoder: Encoder, settings, texts: Sequence[str]) -> list[Prepared]:
+def prepare_texts(encoder: Encoder, settings: TextSettings, texts: Sequence[str]) -> list[Prepared]:
     """Normalise (with the settings' digit masking), tag the language, encode (with its truncation)."""
     norm = [normalize(t, settings.mask_digits) for t in texts]
     return [Prepared(e, language_tag(t)) for e, t in zip(encoder.encode_batch(norm), norm)]
@@ -99,7 +99,8 @@ class Classifier:
     threads: ONNX Runtime intra-op threads (0 = its default).
     batch_size: texts per graph call in `classify`/`predict_proba`; texts are sorted by token length first
     so that each sub-batch pads little, and results are put back in input order (deterministic: the same
-    texts give the same sub-batches and the same numbers).
+    texts give the same sub-batches and the same numbers). fp32 scores do not depend on the batch; int8
+    ones move slightly with their batch-mates (dynamic quantisation scales activations per batch tensor).
     """
 
     def __init__(self, bundle: Bundle, variant: str = "auto", threads: int = 0, batch_size: int = 32):
