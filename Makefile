@@ -43,8 +43,8 @@ eval: $(STAMP) ## evaluate RUN (default: newest run) on the test split, or on DA
 baseline: $(STAMP) ## TF-IDF character n-grams + logistic regression, logged as its own MLflow run
 	$(PY) -m training.baseline --config $(CONFIG) $(ARGS)
 
-export: $(STAMP) ## export RUN (default: newest run) to an ONNX bundle (fp32 + int8, parity-gated)
-	$(PY) -m training.export --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)
+export: $(STAMP) ## export RUN (default: newest run) to an ONNX bundle (fp32 + int8, parity-gated); NAME=x registers it
+	$(PY) -m training.export --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(NAME),--register $(NAME)) $(ARGS)
 
 register: $(STAMP) ## register RUN's model in the MLflow registry: make register RUN=<id> NAME=spam ALIAS=champion
 	$(PY) -m training.tracking register --config $(CONFIG) $(if $(RUN),--run $(RUN)) --name $(or $(NAME),spamlingo) --alias $(or $(ALIAS),champion)
