@@ -1,8 +1,10 @@
 """Figure quality: spam F1 and ROC-AUC on the test split, overall, per source and per language, for
-- the trained model in PyTorch (training.evaluate.evaluate_model_dir, at its stored threshold),
-- its bundle's int8 graph through serving.inference.Classifier (the serving path, bundle threshold),
-- the TF-IDF baseline: the newest finished baseline run's logged test metrics (trained first when the
-  experiment has none).
+- the trained model in PyTorch: the test metrics its training run logged (training.train scores the model
+  directory as written at its stored threshold), or, for a model without a run in this store, measured
+  now by training.evaluate.evaluate_model_dir;
+- its bundle's int8 graph, measured now through serving.inference.Classifier (the serving path);
+- the TF-IDF baseline: the newest finished baseline run on the same data (logged test metrics), trained
+  first by training.baseline when there is none (not with --quick).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _baseline(inputs: Inputs, scopes: list[str], quick: bool) -> tuple[dict | No
             from training.baseline import run_baseline
 
             print(f"no baseline run on data {str(want)[:12]}: training one with {cfg_source}", flush=True)
-            run = MlflowClient().get_run(run_baseline(cfg)["run_id"])
+            run = MlflowClient().get_run(run_baseline(cfg).run_id)
             trained = True
         elif runs:
             run = runs[0]
@@ -54,12 +56,7 @@ def _baseline(inputs: Inputs, scopes: list[str], quick: bool) -> tuple[dict | No
             why = "--quick" if quick else "the run's config does not prepare the model's data"
             return None, {"note": f"no baseline run in experiment '{inputs.cfg.tracking.experiment}' and none "
                                   f"trained ({why}): run `make baseline` with the model's config"}
-    metrics = run.data.metrics
-    out = {}
-    for scope in scopes:
-        vals = {k: metrics.get(metric_name("test", scope, k)) for k in KEEP}
-        if any(v is not None for v in vals.values()):
-            out[scope] = vals
+    out = logged_test_metrics(run, scopes)
     info = {"run_id": run.info.run_id, "run_name": run.info.run_name, "trained_by_bench": trained,
             "data_hash": run.data.tags.get("data_hash")}
     if want and info["data_hash"] != want:
@@ -68,24 +65,53 @@ def _baseline(inputs: Inputs, scopes: list[str], quick: bool) -> tuple[dict | No
     return out, info
 
 
+def logged_test_metrics(run, scopes: list[str]) -> dict:
+    """{scope: {metric: value}} of a run's logged `test/<scope>/<metric>` metrics (training.metrics names)."""
+    out = {}
+    for scope in scopes:
+        vals = {k: run.data.metrics.get(metric_name("test", scope, k)) for k in KEEP}
+        if any(v is not None for v in vals.values()):
+            out[scope] = vals
+    return out
+
+
+def _pytorch(inputs: Inputs, scopes: list[str], n_rows: int, threads: int) -> tuple[dict, str]:
+    """The trained model's test metrics: those its training run logged (training.train scores the model
+    directory as written, on this split, at this threshold), else measured now by training.evaluate."""
+    if inputs.run_id and inputs.meta.get("data_hash"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from training import tracking
+
+        try:
+            tracking.setup(inputs.cfg)
+            run = MlflowClient().get_run(inputs.run_id)
+        except MlflowException:
+            run = None
+        if run is not None and run.data.tags.get("data_hash") == inputs.meta["data_hash"]:
+            logged = logged_test_metrics(run, scopes)
+            if (logged.get("overall") or {}).get("support") == n_rows:
+                return logged, f"logged by training run {inputs.run_id}"
+    import torch
+
+    from training.evaluate import evaluate_model_dir
+
+    torch.set_num_threads(threads)
+    result = evaluate_model_dir(inputs.model_dir, inputs.cfg, "test", log=False, progress=True)
+    return _slim(result.grouped), "measured now (training.evaluate.evaluate_model_dir)"
+
+
 def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     import numpy as np
-    import torch
 
     from serving.bundle import load_bundle
     from serving.inference import Classifier
     from training import metrics as M
-    from training.evaluate import evaluate_model_dir
 
-    torch.set_num_threads(threads)
     notes = {}
-    torch_result = evaluate_model_dir(inputs.model_dir, inputs.cfg, "test", log=False, progress=True)
-    models = {"pytorch": {"threshold": torch_result.threshold, "metrics": _slim(torch_result.grouped)}}
-
     test = load_split(inputs, "test")
     labels = np.asarray(test["label"], dtype=int)
-    if len(labels) != len(torch_result.labels) or not (labels == torch_result.labels).all():
-        notes["split"] = "the evaluated split and the bench's split differ in rows: check data_dir"
     bundle = load_bundle(inputs.bundle_dir)
     variant = "int8" if bundle.has("int8") else "fp32"
     if variant != "int8":
@@ -93,15 +119,19 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     clf = Classifier(bundle, variant=variant, threads=threads, batch_size=64)
     p = clf.predict_proba(list(test["text"]))
     groups = {"source": list(test["source"]), "lang": list(test["lang"])}
-    models[f"onnx_{variant}"] = {"threshold": clf.threshold,
-                                 "metrics": _slim(M.grouped_metrics(labels, p, clf.threshold, groups))}
+    onnx = _slim(M.grouped_metrics(labels, p, clf.threshold, groups))
+    scopes = list(onnx)  # overall, source=..., lang=...
 
-    base, info = _baseline(inputs, list(torch_result.grouped), quick)
+    torch_metrics, how = _pytorch(inputs, scopes, len(labels), threads)
+    models = {"pytorch": {"threshold": inputs.meta.get("threshold"), "metrics": torch_metrics, "source": how},
+              f"onnx_{variant}": {"threshold": clf.threshold, "metrics": onnx,
+                                  "source": "measured now (serving.inference.Classifier)"}}
+    base, info = _baseline(inputs, scopes, quick)
     if base is not None:
-        models["baseline"] = {"threshold": None, "metrics": base}
+        models["baseline"] = {"threshold": None, "metrics": base, "source": f"logged by baseline run {info['run_id']}"}
     if info.get("note"):
         notes["baseline"] = info["note"]
-    return {"rows": int(len(labels)), "models": models, "baseline_run": info, "notes": notes}
+    return {"rows": int(len(labels)), "scopes": scopes, "models": models, "baseline_run": info, "notes": notes}
 
 
 _NAMES = {"pytorch": "PyTorch", "onnx_int8": "int8 bundle", "onnx_fp32": "fp32 bundle", "baseline": "TF-IDF baseline"}
@@ -114,20 +144,24 @@ def _f(v) -> str:
 def render(result: dict) -> str:
     models = result["models"]
     names = list(models)
-    first = models["pytorch"]["metrics"]
+    onnx = next(m for n, m in models.items() if n.startswith("onnx_"))["metrics"]
     head = "| scope | rows | spam | " + " | ".join(f"{_NAMES.get(n, n)} {lab}" for n in names
                                                  for lab in ("F1", "ROC-AUC")) + " |"
     lines = [f"{result['rows']} test rows; each model at its own threshold (PyTorch and bundle: the one chosen on "
              "validation at training time). n/a: undefined for that group (e.g. no spam in it).", "", head,
              "|---|---:|---:|" + "---:|" * (2 * len(names))]
-    for scope, m in first.items():
+    for scope in result.get("scopes", list(onnx)):
+        m = onnx[scope]
         cells = [_f(models[n]["metrics"].get(scope, {}).get(k)) for n in names for k in METRICS]
         label = scope.replace("source=", "source ").replace("lang=", "lang ")
         lines.append(f"| {label} | {m.get('support', '')} | {m.get('positives', '')} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for n in names:
+        if models[n].get("source"):
+            lines.append(f"- {_NAMES.get(n, n)}: {models[n]['source']}.")
     b = result.get("baseline_run") or {}
-    if b.get("run_id"):
-        how = "trained by this benchmark" if b.get("trained_by_bench") else "its logged test metrics"
-        lines += ["", f"Baseline: MLflow run {b['run_id']} ({b.get('run_name') or ''}), {how}."]
+    if b.get("trained_by_bench"):
+        lines.append(f"- The baseline run {b['run_id']} was trained by this benchmark (none existed on this data).")
     for k, v in result.get("notes", {}).items():
-        lines += ["", f"- {k}: {v}"]
+        lines.append(f"- {k}: {v}")
     return "\n".join(lines)

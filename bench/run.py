@@ -10,7 +10,9 @@ threads, caches and memory cannot skew another's, and writes bench/results/NAME.
 date, inputs, the command that reproduces it, the numbers). BENCHMARKS.md is then rebuilt from every JSON
 file there; it is generated, never edited by hand.
 
-On 2 cores with multilingual-e5-small the whole run takes about 10 minutes; --quick takes well under one.
+Sample and step counts keep `make bench` under 20 minutes on 2 cores with multilingual-e5-small (7.5
+minutes measured on a shared 2-core machine, the PyTorch model's test split scored again included).
+--quick shrinks the speed figures' samples to seconds; quality always scores the whole test split.
 """
 
 from __future__ import annotations
@@ -255,7 +257,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--bundle", default=None, help="bundle dir (default: the newest exported from the run)")
     p.add_argument("--only", default="", help=f"comma-separated figures or groups: {', '.join(FIGURES)}, "
                    f"{', '.join(GROUPS)} (default: all)")
-    p.add_argument("--quick", action="store_true", help="small samples: seconds, for tests and a first look")
+    p.add_argument("--quick", action="store_true", help="small speed samples (seconds), no baseline training: "
+                   "for tests and a first look")
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="threads for PyTorch and ONNX Runtime alike (default: the CPUs available, %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="text sampling seed (default: %(default)s)")

@@ -14,6 +14,7 @@ import pytest
 from bench import run as bench_run
 
 ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("quality", "speed_engines", "speed_server", "size")
 
 
 def _bench(*args, env=None, timeout=300):
@@ -24,9 +25,11 @@ def _bench(*args, env=None, timeout=300):
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory, tiny_model_dir, tiny_bundle):
     out = tmp_path_factory.mktemp("bench")
+    # quality looks for a baseline run: in an empty store of its own, never the repository's ./mlruns.
     proc = _bench("--run", str(tiny_model_dir), "--bundle", str(tiny_bundle), "--quick",
-                  "--only", "size,speed_engines,speed_server", "--threads", "1",
-                  "--results", str(out / "results"), "--markdown", str(out / "BENCH.md"))
+                  "--only", ",".join(FIGURES), "--threads", "1",
+                  "--results", str(out / "results"), "--markdown", str(out / "BENCH.md"),
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out, proc.stdout
 
@@ -37,13 +40,13 @@ def _load(out: Path, figure: str) -> dict:
 
 def test_each_figure_written_with_its_command_and_machine(quick_results):
     out, stdout = quick_results
-    for figure in ("size", "speed_engines", "speed_server"):
+    for i, figure in enumerate(FIGURES, 1):
         rec = _load(out, figure)
         assert rec["figure"] == figure and rec["quick"] is True
         assert rec["command"].startswith(f"python -m bench.run --only {figure} ") and "--quick" in rec["command"]
         assert rec["machine"]["cores"] >= 1 and rec["versions"]["onnxruntime"]
         assert rec["threads"] == 1
-        assert f"[{['size', 'speed_engines', 'speed_server'].index(figure) + 1}/3] {figure} done" in stdout
+        assert f"[{i}/{len(FIGURES)}] {figure} done" in stdout
 
 
 def test_size_matches_the_files(quick_results, tiny_bundle, tiny_model_dir):
@@ -85,10 +88,28 @@ def test_server_vs_raw(quick_results):
     assert "--host 127.0.0.1" in r["server_command"]
 
 
+def test_quality_pytorch_vs_bundle(quick_results, tiny_model_dir):
+    from datasets import load_from_disk
+
+    out, _ = quick_results
+    r = _load(out, "quality")["result"]
+    meta = json.loads((tiny_model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    test = load_from_disk(str(Path(meta["data_dir"]) / "dataset"))["test"]
+    assert r["rows"] == len(test)
+    assert r["scopes"][0] == "overall" and {f"lang={x}" for x in set(test["lang"])} <= set(r["scopes"])
+    onnx = next(v for k, v in r["models"].items() if k.startswith("onnx_"))
+    torch_m = r["models"]["pytorch"]
+    assert "measured now" in torch_m["source"]  # the fixture model has no MLflow run
+    assert onnx["metrics"]["overall"]["support"] == len(test)
+    # The bundle passed export's parity gates: it scores (almost) like the PyTorch model it came from.
+    assert abs(onnx["metrics"]["overall"]["f1"] - torch_m["metrics"]["overall"]["f1"]) <= 0.05
+    assert "baseline" not in r["models"] and "make baseline" in r["notes"]["baseline"]
+
+
 def test_markdown_generated_from_the_results(quick_results):
     out, _ = quick_results
     md = (out / "BENCH.md").read_text(encoding="utf-8")
-    for figure in ("size", "speed_engines", "speed_server"):
+    for figure in FIGURES:
         rec = _load(out, figure)
         assert f"## {rec['title']}" in md
         assert f"Reproduce: `{rec['command']}`" in md
@@ -122,3 +143,46 @@ def test_only_accepts_figures_and_groups():
     assert bench_run.select("speed,size") == ["speed_engines", "speed_server", "speed_training", "size"]
     with pytest.raises(bench_run.BenchError, match="unknown figure 'fast'"):
         bench_run.select("fast")
+
+
+def test_quality_reads_the_training_runs_logged_metrics(tmp_path, monkeypatch, tiny_model_dir):
+    """A model with an MLflow run on the same data: its logged test metrics are the PyTorch column, and
+    they are what training.evaluate measures on the model directory."""
+    import shutil
+
+    import mlflow
+
+    from bench.inputs import Inputs
+    from bench.quality import _pytorch
+    from training import tracking
+    from training.config import load_config
+    from training.evaluate import evaluate_model_dir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("configs/smoke.yaml", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    fresh = evaluate_model_dir(model_dir, cfg, "test", log=False, progress=False)
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(Path(meta["data_dir"]) / "dataset"))["test"]
+    with tracking.start_run(cfg, "transformer", run_name="tiny", data_hash=meta["data_hash"]) as run:
+        tracking.log_evaluation(fresh.labels, fresh.p_spam, fresh.threshold,
+                                {"source": list(test["source"]), "lang": list(test["lang"])}, "test", plots=False)
+    meta["mlflow_run_id"] = run.info.run_id
+    (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+    scopes = list(fresh.grouped)
+
+    logged, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test), threads=1)
+    assert how == f"logged by training run {run.info.run_id}"
+    for scope in scopes:
+        for k in ("f1", "roc_auc", "support"):
+            want = fresh.grouped[scope][k]
+            if want == want:  # NaN metrics are not logged
+                assert logged[scope][k] == pytest.approx(want), (scope, k)
+
+    # Another split size (e.g. a re-prepared dataset): the logged numbers do not apply, measure again.
+    _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test) + 1, threads=1)
+    assert how.startswith("measured now")
+    mlflow.set_tracking_uri(None)
