@@ -124,6 +124,25 @@ def _raw(clf, texts: list[str]) -> dict:
     return {"texts": len(texts), "wall_s": wall, "texts_per_s": len(texts) / wall}
 
 
+def log_to_run(inputs: Inputs, metrics: dict) -> str | None:
+    """Put the serving latency beside the run's quality metrics (`make compare` shows serve/* columns).
+    Returns the run id, or None when the bundle's run is not in this MLflow store."""
+    run_id = inputs.run_id
+    if not run_id:
+        return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from training import tracking
+
+    try:
+        with tracking.resume_run(run_id, inputs.cfg):
+            mlflow.log_metrics(metrics)
+    except MlflowException:
+        return None
+    return run_id
+
+
 def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     from serving.bundle import load_bundle
     from serving.inference import Classifier
@@ -148,7 +167,10 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
             latency[str(c)] = served if c == 32 else asyncio.run(_load(server.url, texts, c, settings["requests"][c]))
         args = [rel(a) if a == str(inputs.bundle_dir) else a for a in server.cmd[3:]]
     raw_tps = (raw_before["texts_per_s"] + raw_after["texts_per_s"]) / 2
-    return {"settings": settings, "variant": variant, "server_command": "spamlingo-serve " + " ".join(args),
+    serve_metrics = {"serve/p50_ms": latency["1"]["p50_ms"], "serve/p99_ms": latency["1"]["p99_ms"],
+                     "serve/c32_texts_per_s": served["texts_per_s"]}
+    logged = None if quick else log_to_run(inputs, serve_metrics)
+    return {"settings": settings, "logged_to_run": logged, "variant": variant, "server_command": "spamlingo-serve " + " ".join(args),
             "throughput": {"texts": n_tp, "server_texts_per_s": served["texts_per_s"], "raw_texts_per_s": raw_tps,
                            "raw_runs": [raw_before, raw_after], "server_over_raw": served["texts_per_s"] / raw_tps,
                            "errors": served["errors"]},
@@ -167,6 +189,9 @@ def render(result: dict) -> str:
     for c, r in result["latency"].items():
         lines.append(f"| {c} | {r['requests']} | {r['ok']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['mean_ms']:.1f} | {r['texts_per_s']:.1f} |")
+    if result.get("logged_to_run"):
+        lines += ["", f"Logged to MLflow run {result['logged_to_run']} as serve/p50_ms and serve/p99_ms (concurrency 1) "
+                  "and serve/c32_texts_per_s."]
     errs = {c: r["errors"] for c, r in result["latency"].items() if r["errors"]}
     if errs:
         lines += ["", f"Non-200 responses: {errs}"]

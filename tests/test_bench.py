@@ -185,4 +185,12 @@ def test_quality_reads_the_training_runs_logged_metrics(tmp_path, monkeypatch, t
     # Another split size (e.g. a re-prepared dataset): the logged numbers do not apply, measure again.
     _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test) + 1, threads=1)
     assert how.startswith("measured now")
+
+    # speed_server puts its latency beside the run's metrics, leaving the run finished.
+    from bench.server_load import log_to_run
+
+    assert log_to_run(Inputs(cfg, model_dir, meta), {"serve/p50_ms": 12.5}) == run.info.run_id
+    after = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert after.data.metrics["serve/p50_ms"] == 12.5 and after.info.status == "FINISHED"
+    assert log_to_run(Inputs(cfg, model_dir, {**meta, "mlflow_run_id": "0" * 32}), {"serve/p50_ms": 1.0}) is None
     mlflow.set_tracking_uri(None)

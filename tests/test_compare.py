@@ -37,6 +37,8 @@ def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True):
     with tracking.start_run(cfg, kind, run_name=name) as run:
         tracking.log_evaluation(y, p, 0.5, groups, "test", plots=False)
         mlflow.log_metrics({"model/size_mb": 1.5, "model/parameters": 1234567})
+        if name == "tiny-lr3":  # what `make bench` logs after measuring the server
+            mlflow.log_metrics({"serve/p50_ms": 12.5})
         rid = run.info.run_id
     return rid, dict(mlflow.MlflowClient(uri).get_run(rid).data.metrics)
 
@@ -53,6 +55,7 @@ def store(tmp_path_factory):
         "tiny-lr4": _log_run(uri, exp, "tiny-lr4", "transformer", ["train.learning_rate=0.0001"], 0.35, seed=2),
         "unfinished": _log_run(uri, exp, "unfinished", "transformer", [], noise=0.1, seed=3, finish=False),
         "tfidf": _log_run(uri, "spamlingo-other", "tfidf", "baseline", [], noise=0.3, seed=4),
+        "eval-file": _log_run(uri, exp, "eval-file", "eval", [], noise=0.2, seed=5),  # `make eval DATA=...`
     }
     yield uri, runs
     mp.undo()
@@ -70,8 +73,10 @@ def test_table_shows_runs_differing_key_and_best(store, tmp_path, capsys):
     table = out.split("\n\n")[0]
     assert "tiny-lr3" in table and "tiny-lr4" in table
     assert "unfinished" not in out and "tfidf" not in out  # not finished / other experiment
+    assert "eval-file" not in out  # scores a file, not a model
     header = table.splitlines()[1]
     assert "train.learning_rate" in header
+    assert "serve/p50_ms" in header and "12.5" in next(line for line in table.splitlines() if "tiny-lr3" in line)
     for same in ("data.seed", "train.batch_size", "model.backbone", "train.epochs"):
         assert same not in out
     assert "0.0001" in table and "0.001" in table
@@ -114,6 +119,9 @@ def test_filters_by_tag_and_run_ids(store, tmp_path, capsys):
     for name in ("tiny-lr3", "tiny-lr4", "tfidf"):
         assert name in out
     assert "experiment" in out.splitlines()[1]
+
+    out = _run(store, tmp_path, capsys, "--tag", "spamlingo.kind=eval")
+    assert "eval-file" in out and "tiny-lr3" not in out
 
     lr3, tfidf = runs["tiny-lr3"][0], runs["tfidf"][0]
     out = _run(store, tmp_path, capsys, "--runs", f"{lr3[:10]},tfidf")

@@ -5,8 +5,8 @@
     python -m training.compare --runs 1a2b3c4d,baseline-tfidf --metric test/overall/pr_auc --out runs/cmp
 
 Rows are runs (the TF-IDF baseline is a row like any other); columns are the config keys that differ
-between them (from the logged params), the headline test metrics, the threshold, the model size and any
-logged serving latency. Breakdown tables give F1 / PR-AUC / recall at 0.1% FPR per source and per
+between them (from the logged params), the headline test metrics, the threshold, the model size and the
+serving latency when logged (serve/* metrics, which `make bench` adds to the run it measured). Breakdown tables give F1 / PR-AUC / recall at 0.1% FPR per source and per
 language. The best run by `--metric` is marked. `--out` receives compare.md and compare.png.
 """
 
@@ -26,6 +26,7 @@ from training.metrics import metric_name
 DEFAULT_METRIC = "test/overall/f1"
 DEFAULT_OUT = "runs/compare"
 KIND_TAG = "spamlingo.kind"
+HIDDEN_KINDS = ("eval",)  # shown only when asked for (--tag spamlingo.kind=eval or --runs)
 
 # The metrics of the breakdown tables, in order: (metric leaf name, column label).
 HEADLINE = (("f1", "F1"), ("pr_auc", "PR-AUC"), ("recall_at_fpr_0.1pct", "R@FPR0.1%"))
@@ -156,9 +157,8 @@ def find_runs(
     tags: dict[str, str] | None = None,
     run_ids: Sequence[str] = (),
 ) -> list[RunRow]:
-    """Finished runs of `experiment` (default: every experiment) carrying every tag of `tags`.
-
-    `run_ids` picks runs explicitly: each a full run id, a unique id prefix or a run name.
+    """Finished model runs (transformer, baseline) of `experiment` (default: every experiment) carrying
+    every tag of `tags`. `run_ids` picks runs explicitly: each a full run id, a unique id prefix or a run name.
     """
     from mlflow.entities import ViewType
 
@@ -175,9 +175,11 @@ def find_runs(
     runs = [_row(r, experiments) for r in _all_pages(client.search_runs, experiment_ids=ids,
                                                        run_view_type=ViewType.ACTIVE_ONLY)]
     if run_ids:
-        runs = _pick(runs, run_ids)  # named explicitly: kept whatever their status
+        runs = _pick(runs, run_ids)  # named explicitly: kept whatever their status or kind
     else:
         runs = [r for r in runs if r.status == "FINISHED"]
+        if KIND_TAG not in (tags or {}):  # `make eval DATA=...` runs score a file, not a model: not rows here
+            runs = [r for r in runs if r.kind not in HIDDEN_KINDS]
     for key, value in (tags or {}).items():
         runs = [r for r in runs if r.tags.get(key) == value]
     return runs
