@@ -71,8 +71,14 @@ def rel(p: Path | str) -> str:
 
 def resolve_model(run: str | None, cfg: Config) -> tuple[Path, dict]:
     """RUN (run id, model dir, or None = newest finished training run) -> (model dir, spamlingo.json)."""
-    from training.tracking import TrackingError, resolve_model_dir
+    from training.compare import local_store_missing
+    from training.tracking import TrackingError, resolve_model_dir, tracking_uri
 
+    if not (run and Path(run).exists()):
+        missing = local_store_missing(tracking_uri(cfg))  # looking must not create an empty store
+        if missing:
+            raise BenchError(f"no MLflow store at {missing}: run `make train` and `make export` first "
+                             "(or pass --run MODEL_DIR --bundle DIR)")
     try:
         model_dir = resolve_model_dir(run, cfg)
     except TrackingError as e:

@@ -85,7 +85,7 @@ def default_tracking_uri() -> str:
     return tracking_uri()
 
 
-def _local_store_missing(uri: str) -> str | None:
+def local_store_missing(uri: str) -> str | None:
     """Opening a missing sqlite/file store would create an empty one: say so instead."""
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
@@ -457,7 +457,7 @@ def compare(
     from mlflow import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
-    missing = _local_store_missing(uri)
+    missing = local_store_missing(uri)
     if missing:
         raise CompareError(f"no MLflow store at {missing}: run `make train` or `make baseline` first")
     client = MlflowClient(tracking_uri=uri)
