@@ -129,6 +129,12 @@ def test_missing_inputs_name_the_make_command(tmp_path, tiny_model_dir):
     assert "neither a model directory nor an MLflow run id" in proc.stderr and "make train" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+    store = tmp_path / "no_store" / "mlflow.db"
+    proc = _bench("--only", "size", "--results", str(tmp_path / "r"), "--markdown", str(tmp_path / "B.md"),
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}, timeout=120)
+    assert proc.returncode != 0 and "no MLflow store" in proc.stderr and "make train" in proc.stderr
+    assert not store.exists()
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"inherit: {ROOT / 'configs' / 'smoke.yaml'}\nexport:\n  output_dir: {tmp_path / 'no_bundles'}\n")
     proc = _bench("--config", str(cfg), "--run", str(tiny_model_dir), "--only", "size", "--results",
