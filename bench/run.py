@@ -96,7 +96,8 @@ def run_figure(figure: str, args: argparse.Namespace) -> Path:
     record = {
         "figure": figure,
         "title": mod.TITLE,
-        "command": reproduce_command(figure, args, inputs.run_ref, rel(inputs.bundle_dir) if inputs.bundle_dir else None),
+        "command": reproduce_command(figure, args, inputs.run_ref,
+                                     rel(inputs.bundle_dir) if inputs.bundle_dir else None),
         "quick": bool(args.quick),
         "date": env.now(),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -221,7 +222,8 @@ def render_markdown(records: list[dict], results_dir: str = RESULTS) -> str:
         figure = r.get("figure", "?")
         out += [f"## {r.get('title', figure)}", ""]
         inp = r.get("inputs", {})
-        what = [f"run `{inp['run_id']}`" if inp.get("run_id") else (f"model `{inp['model_dir']}`" if inp.get("model_dir") else ""),
+        model = f"model `{inp['model_dir']}`" if inp.get("model_dir") else ""
+        what = [f"run `{inp['run_id']}`" if inp.get("run_id") else model,
                 f"bundle `{inp['bundle']}`" if inp.get("bundle") else "",
                 f"backbone {inp['backbone']}" if inp.get("backbone") else ""]
         load = r.get("load_average_1min") or []

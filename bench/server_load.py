@@ -170,7 +170,8 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     serve_metrics = {"serve/p50_ms": latency["1"]["p50_ms"], "serve/p99_ms": latency["1"]["p99_ms"],
                      "serve/c32_texts_per_s": served["texts_per_s"]}
     logged = None if quick else log_to_run(inputs, serve_metrics)
-    return {"settings": settings, "logged_to_run": logged, "variant": variant, "server_command": "spamlingo-serve " + " ".join(args),
+    return {"settings": settings, "logged_to_run": logged, "variant": variant,
+            "server_command": "spamlingo-serve " + " ".join(args),
             "throughput": {"texts": n_tp, "server_texts_per_s": served["texts_per_s"], "raw_texts_per_s": raw_tps,
                            "raw_runs": [raw_before, raw_after], "server_over_raw": served["texts_per_s"] / raw_tps,
                            "errors": served["errors"]},
@@ -184,13 +185,16 @@ def render(result: dict) -> str:
              f"characters, seed {s['seed']}). Server started as `{result['server_command']}`; the load generator "
              "(asyncio + httpx) shares the machine with it.", "",
              f"**Throughput at concurrency 32** ({tp['texts']} texts): server {tp['server_texts_per_s']:.1f} texts/s, "
-             f"raw ONNX Runtime {tp['raw_texts_per_s']:.1f} texts/s → server/raw = **{tp['server_over_raw']:.2f}**.", "",
-             "| concurrency | requests | ok | p50 ms | p99 ms | mean ms | texts/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"raw ONNX Runtime {tp['raw_texts_per_s']:.1f} texts/s → server/raw = "
+             f"**{tp['server_over_raw']:.2f}**.", "",
+             "| concurrency | requests | ok | p50 ms | p99 ms | mean ms | texts/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for c, r in result["latency"].items():
         lines.append(f"| {c} | {r['requests']} | {r['ok']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['mean_ms']:.1f} | {r['texts_per_s']:.1f} |")
     if result.get("logged_to_run"):
-        lines += ["", f"Logged to MLflow run {result['logged_to_run']} as serve/p50_ms and serve/p99_ms (concurrency 1) "
+        lines += ["", f"Logged to MLflow run {result['logged_to_run']} as serve/p50_ms and serve/p99_ms "
+                  "(concurrency 1) "
                   "and serve/c32_texts_per_s."]
     errs = {c: r["errors"] for c, r in result["latency"].items() if r["errors"]}
     if errs:

@@ -48,7 +48,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     files["bundle.json"] = (inputs.bundle_dir / "bundle.json").stat().st_size / MB
     models = manifest.get("models", {})
     out = {"bundle_files_mb": files, "bundle_total_mb": sum(files.values()), "models": models,
-           "int8": {"status": (manifest.get("int8") or {}).get("status"), "reason": (manifest.get("int8") or {}).get("reason")}}
+           "int8": {k: (manifest.get("int8") or {}).get(k) for k in ("status", "reason")}}
     if models.get("fp32") and models.get("int8") and models["int8"] in files:
         out["int8_over_fp32"] = files[models["int8"]] / files[models["fp32"]]
     if inputs.model_dir is not None:
@@ -98,7 +98,8 @@ def render(result: dict) -> str:
                   f"| final model | {_n(p['final'])} |",
                   f"| trainable | {_n(p['trainable'])} |"]
         if v.get("trimmed"):
-            lines += ["", f"Vocabulary: {_n(v['pieces_before'])} → {_n(v['pieces_kept'])} pieces; held-out <unk> rate "
+            lines += ["", f"Vocabulary: {_n(v['pieces_before'])} → {_n(v['pieces_kept'])} pieces; "
+                      "held-out <unk> rate "
                       f"{v['heldout_unk_rate_before']:.4%} → {v['heldout_unk_rate_after']:.4%}, held-out texts "
                       f"segmented differently {v['heldout_resegmented_share']:.2%}."]
         else:

@@ -48,7 +48,8 @@ def _engines(inputs: Inputs, threads: int):
         int8 = Classifier(bundle, variant="int8", threads=threads)
         engines["onnx_int8"] = lambda b: int8.run_encoded(*b)
     else:
-        notes["onnx_int8"] = f"not in the bundle: {bundle.int8.get('reason') or bundle.int8.get('status') or 'not exported'}"
+        why = bundle.int8.get("reason") or bundle.int8.get("status") or "not exported"
+        notes["onnx_int8"] = f"not in the bundle: {why}"
     return engines, fp32, notes
 
 

@@ -83,7 +83,8 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
         st = summary(t, bs)
         modes[name] = {"samples_per_s": st["texts_per_s"], "ms_per_step_p50": st["ms_per_batch_p50"],
                        "steps": st["calls"], "padding_share": 1 - real / padded, "mean_width": padded / len(timed) / bs}
-    modes["length_grouped"]["speedup_vs_random"] = modes["length_grouped"]["samples_per_s"] / modes["random"]["samples_per_s"]
+    grouped_sps, random_sps = modes["length_grouped"]["samples_per_s"], modes["random"]["samples_per_s"]
+    modes["length_grouped"]["speedup_vs_random"] = grouped_sps / random_sps
     info = {"backbone": inputs.meta.get("backbone"), "parameters": count_parameters(model),
             "trainable_parameters": count_parameters(model, trainable_only=True), "frozen": frozen,
             "batch_size": bs, "max_length": meta["text"].get("max_length"), "pool_rows": pool_n, "config": cfg_source}
@@ -95,11 +96,13 @@ def render(result: dict) -> str:
     lines = [f"Backbone {m['backbone']} from the run's model directory ({m['trainable_parameters']:,} of "
              f"{m['parameters']:,} parameters trainable), batch size {m['batch_size']}, max_length {m['max_length']}, "
              f"{s['threads']} threads; {s['rounds']} interleaved rounds of {s['steps_per_round']} optimizer steps per "
-             f"order after {s['warmup_steps']} warm-up steps; steps drawn at random from one epoch over {m['pool_rows']} training rows.", "",
+             f"order after {s['warmup_steps']} warm-up steps; steps drawn at random from one epoch over "
+             f"{m['pool_rows']} training rows.", "",
              "| batch order | steps | samples/s | ms/step p50 | mean padded width | padding share |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in modes.items():
-        lines.append(f"| {name.replace('_', '-')} | {r['steps']} | {r['samples_per_s']:.1f} | {r['ms_per_step_p50']:.0f} | "
+        lines.append(f"| {name.replace('_', '-')} | {r['steps']} | {r['samples_per_s']:.1f} | "
+                     f"{r['ms_per_step_p50']:.0f} | "
                      f"{r['mean_width']:.0f} | {r['padding_share']:.1%} |")
     lines += ["", f"Length-grouped / random: **{modes['length_grouped']['speedup_vs_random']:.2f}×** samples/s."]
     return "\n".join(lines)

@@ -6,8 +6,9 @@
 
 Rows are runs (the TF-IDF baseline is a row like any other); columns are the config keys that differ
 between them (from the logged params), the headline test metrics, the threshold, the model size and the
-serving latency when logged (serve/* metrics, which `make bench` adds to the run it measured). Breakdown tables give F1 / PR-AUC / recall at 0.1% FPR per source and per
-language. The best run by `--metric` is marked. `--out` receives compare.md and compare.png.
+serving latency when logged (serve/* metrics, which `make bench` adds to the run it measured).
+Breakdown tables give F1 / PR-AUC / recall at 0.1% FPR per source and per language. The best run by
+`--metric` is marked. `--out` receives compare.md and compare.png.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from training.config import ROOT, fail
 from training.metrics import metric_name
@@ -30,8 +31,8 @@ HIDDEN_KINDS = ("eval",)  # shown only when asked for (--tag spamlingo.kind=eval
 
 # The metrics of the breakdown tables, in order: (metric leaf name, column label).
 HEADLINE = (("f1", "F1"), ("pr_auc", "PR-AUC"), ("recall_at_fpr_0.1pct", "R@FPR0.1%"))
-# Params that say nothing about the model and always differ between runs.
-_NOISE_PARAMS = ("tracking.run_name",)
+# Params that say nothing about the model (the run name and experiment have columns of their own).
+_NOISE_PARAMS = ("tracking.run_name", "tracking.experiment")
 _MAX_VALUE_CHARS = 36
 _MAX_CHART_RUNS = 8
 
@@ -463,7 +464,8 @@ def compare(
     client = MlflowClient(tracking_uri=uri)
     runs = find_runs(client, experiment, tags, run_ids)
     if not runs:
-        what = [f"experiment '{experiment}'" if experiment else "", ", ".join(f"{k}={v}" for k, v in (tags or {}).items())]
+        what = [f"experiment '{experiment}'" if experiment else "",
+                ", ".join(f"{k}={v}" for k, v in (tags or {}).items())]
         where = " matching " + "; ".join(w for w in what if w) if any(what) else ""
         raise CompareError(f"no finished runs{where} in {uri}: run `make train` or `make baseline` first")
     report = build_report(runs, metric)
@@ -493,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     import shlex
     import sys
 
-    command = "python -m training.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python -m training.compare " + " ".join(shlex.quote(a) for a in given)
     try:
         _report, text, md, png = compare(
             experiment=args.experiment,
