@@ -59,7 +59,7 @@ compare: $(STAMP) ## table + chart of MLflow runs side by side (ARGS="--experime
 	$(PY) -m training.compare $(ARGS)
 
 bench: $(STAMP) ## quality, speed and size benchmarks -> bench/results/*.json and BENCHMARKS.md
-	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.run --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
 
 mlflow-ui: $(STAMP) ## browse the MLflow store at http://127.0.0.1:5000
 	$(PY) -m training.tracking ui --config $(CONFIG)
