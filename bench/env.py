@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import os
 import platform
 import sys
@@ -41,13 +40,9 @@ def ram_gb() -> float | None:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    from training.tracking import package_versions
+
+    return {"python": platform.python_version(), **package_versions(PACKAGES)}
 
 
 def machine() -> dict:

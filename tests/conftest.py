@@ -182,3 +182,13 @@ def tiny_bundle(tmp_path_factory, tiny_model_dir) -> Path:
 
     root = tmp_path_factory.mktemp("bundles")
     return export_bundle(Config(), tiny_model_dir, out_root=root, name="tiny", show=False, threads=1).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite MLflow store per test module (creating its tables takes seconds); tests use their own
+    experiment names."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        yield root

@@ -17,14 +17,6 @@ from training.config import load_config
 from training.metrics import binary_metrics
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        yield root
-
-
 @pytest.fixture
 def cfg(store, request, tmp_path):
     return load_config("configs/smoke.yaml", [f"tracking.experiment={request.node.name}",

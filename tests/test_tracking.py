@@ -14,15 +14,6 @@ from training import tracking as T
 from training.config import load_config
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module (creating its tables takes seconds); tests use their own experiment."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        yield root
-
-
 @pytest.fixture
 def cfg(store, tmp_path, request):
     return load_config("configs/smoke.yaml", [

@@ -143,10 +143,10 @@ def git_info() -> dict[str, str]:
     return {"git_commit": sha, "git_dirty": str(bool(status.strip())).lower()}
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that change results (read from metadata: nothing is imported)."""
     out = {}
-    for pkg in PACKAGES:
+    for pkg in packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
