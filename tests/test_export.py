@@ -158,7 +158,8 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
     assert not (res.bundle_dir / "model.int8.onnx").exists()
     assert m["int8"]["status"] == "failed" and "label agreement" in m["int8"]["reason"]
     names = [a["name"] for a in m["int8"]["attempts"]]
-    assert names == ["plain", "per_channel", "per_channel_reduce_range", "exclude_sensitive", "weight_only"]
+    assert names == ["plain", "per_channel", "per_channel_reduce_range", "fp32_ffn_out_lower_half", "fp32_ffn_out",
+                     "exclude_sensitive", "weight_only"]
     assert not [a for a in m["int8"]["attempts"] if "error" in a]  # every recipe built and ran
     assert m["parity"]["rows"] == 20 and "20 of 48" in m["parity"]["data"]
     assert res.warnings and "int8 not shipped" in res.warnings[0]
@@ -175,6 +176,9 @@ def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):
     assert "Attention_1" in tail and "Attention_0" not in tail  # fused nodes placed by graph order
     assert any("layer.1/" in n for n in tail) and not any("layer.0/" in n for n in tail)
     assert nodes["embeddings"] == ["EmbedLayerNormalization_0"]
+    # the feed-forward output projection of each layer, by layer (not the attention output projection)
+    assert sorted(nodes["ffn_out"]) == [0, 1]
+    assert all(len(v) == 1 and "/output/dense" in v[0] and "attention" not in v[0] for v in nodes["ffn_out"].values())
 
 
 def test_explicit_texts_and_no_optimisation(tiny_model_dir, tmp_path):
