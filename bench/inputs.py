@@ -74,6 +74,9 @@ def resolve_model(run: str | None, cfg: Config) -> tuple[Path, dict]:
     from training.compare import local_store_missing
     from training.tracking import TrackingError, resolve_model_dir, tracking_uri
 
+    if run and not Path(run).exists() and "/" in run:  # a path, not a run id: no store needed to say so
+        raise BenchError(f"'{run}' is neither a model directory nor an MLflow run id "
+                         "(bench needs a trained model: `make train`, then `make export`)")
     if not (run and Path(run).exists()):
         missing = local_store_missing(tracking_uri(cfg))  # looking must not create an empty store
         if missing:

@@ -34,10 +34,14 @@ def spam_probability(logits: np.ndarray) -> np.ndarray:
 class OnnxGraph:
     """One ONNX Runtime session over a graph whose inputs are named like the tokenizer's outputs."""
 
-    def __init__(self, path: str | Path, threads: int = 0, output: str = "logits"):
+    def __init__(self, path: str | Path, threads: int = 0, output: str = "logits", spin: bool = True):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if not spin:
+            # Idle intra-op threads otherwise spin for a while after each call, taking the cores that the
+            # server's event loop (HTTP parsing, JSON, tokenisation) needs between batches.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.intra_op_num_threads = max(0, int(threads))  # 0 = ONNX Runtime's default (physical cores)
         so.inter_op_num_threads = 1  # one request batch at a time per session; parallelism is intra-op
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -103,7 +107,8 @@ class Classifier:
     ones move slightly with their batch-mates (dynamic quantisation scales activations per batch tensor).
     """
 
-    def __init__(self, bundle: Bundle, variant: str = "auto", threads: int = 0, batch_size: int = 32):
+    def __init__(self, bundle: Bundle, variant: str = "auto", threads: int = 0, batch_size: int = 32,
+                 spin: bool = True):
         if variant == "auto":
             variant = "int8" if bundle.has("int8") else "fp32"
         self.bundle = bundle
@@ -111,7 +116,7 @@ class Classifier:
         self.threshold = float(bundle.threshold)
         self.batch_size = max(1, int(batch_size))
         self.encoder: Encoder = bundle.encoder()
-        self.graph = OnnxGraph(bundle.model_path(variant), threads=threads, output=bundle.output)
+        self.graph = OnnxGraph(bundle.model_path(variant), threads=threads, output=bundle.output, spin=spin)
         missing = [n for n in bundle.inputs if n not in self.graph.input_names]
         if missing:
             raise BundleError(f"{bundle.path}: bundle.json lists input(s) {missing} that the {variant} graph lacks")

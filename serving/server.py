@@ -610,7 +610,8 @@ def load_model(settings: ServerSettings):
             raise StartupError(f"bundle {bundle.path} has no usable int8 model ({why}); use --model fp32")
         model_file = bundle.model_path(variant).name
         # One graph call per gathered batch: the classifier's sub-batch size is the server's batch size.
-        classifier = Classifier(bundle, variant=variant, threads=settings.threads, batch_size=settings.max_batch)
+        classifier = Classifier(bundle, variant=variant, threads=settings.threads, batch_size=settings.max_batch,
+                                spin=False)
     except BundleError as e:
         raise StartupError(str(e)) from None
     info = {"bundle": bundle.name, "variant": variant,

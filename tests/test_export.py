@@ -87,8 +87,9 @@ def test_tiny_export_passes_both_gates(tiny_bundle, tiny_model_dir):
     assert gate["scopes"]["overall"]["f1_drop"] <= 0.005
     assert {"lang=en", "lang=zh", "lang=ja", "lang=ko"} <= set(gate["scopes"])
     assert m["graph"]["exporter"] == "torchscript" and m["graph"]["opset"] == 17
+    meta = json.loads((tiny_model_dir / "spamlingo.json").read_text(encoding="utf-8"))
     assert m["source"] == {"mlflow_run_id": None, "backbone": "tiny", "model_dir": str(tiny_model_dir.resolve()),
-                           "data_hash": "tiny-test-fixture"}
+                           "data_dir": meta["data_dir"], "data_hash": "tiny-test-fixture"}
     assert m["metrics"]["export"]["fp32"]["overall"]["support"] == 48
     assert m["files"]["model.int8.onnx"]["bytes"] < m["files"]["model.onnx"]["bytes"] / 2
     # The graph really has dynamic batch and sequence axes.

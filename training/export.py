@@ -706,7 +706,7 @@ def export_bundle(
             "graph": graph,
             "metrics": {"training": meta.get("metrics", {}), "export": metrics, "speed_at_export": speed},
             "source": {"mlflow_run_id": run_id, "backbone": meta.get("backbone"), "model_dir": str(model_dir),
-                       "data_hash": meta.get("data_hash")},
+                       "data_dir": meta.get("data_dir"), "data_hash": meta.get("data_hash")},
             "export_config": asdict(ecfg),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
