@@ -134,6 +134,10 @@ class TextSettings:
             raise ValueError(f"truncation must be 'head' or 'head_tail', got {self.truncation!r}")
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
+        # checked here, not only in Encoder, so a config mistake fails before data preparation and training
+        if self.head_tokens < 0 or (self.truncation == "head_tail" and self.head_tokens > self.max_length - 2):
+            raise ValueError(f"head_tokens must be 0 (two thirds) or in 1..{self.max_length - 2} "
+                             f"(max_length - 2), got {self.head_tokens}")
 
 
 # ------------------------------------------------------------------------------------------ encoder

@@ -166,3 +166,9 @@ def test_text_settings_validation_and_round_trip():
         TextSettings(truncation="tail")
     with pytest.raises(ValueError, match="max_length"):
         TextSettings(max_length=4)
+    # head_tokens beyond the content budget (max_length - 2) or negative: rejected up front, not at Encoder
+    assert TextSettings(max_length=64, truncation="head_tail", head_tokens=62).head_tokens == 62
+    with pytest.raises(ValueError, match="head_tokens"):
+        TextSettings(max_length=64, truncation="head_tail", head_tokens=63)
+    with pytest.raises(ValueError, match="head_tokens"):
+        TextSettings(head_tokens=-1)

@@ -242,11 +242,16 @@ def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, sto
     assert "error.txt" in artifacts(client, found[0].info.run_id)
 
 
-def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys):
+@pytest.mark.parametrize("bad, message", [
+    (["train.class_balance=oversample"], "train.class_balance must be one of weighted_loss, sampler, none"),
+    # once a traceback from the Encoder after the run had started
+    (["model.truncation=head_tail", "model.head_tokens=1000"], "model: head_tokens must be 0 (two thirds) or in 1..62"),
+])
+def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", SMOKE, *overrides(prepared, tmp_path, "train.class_balance=oversample")])
+        main(["--config", SMOKE, *overrides(prepared, tmp_path, *bad)])
     assert exit_info.value.code == 2
-    assert "train.class_balance must be one of weighted_loss, sampler, none" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened
 
 
