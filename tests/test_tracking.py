@@ -206,3 +206,21 @@ def test_register_model_then_bundle_with_alias(cfg, tmp_path, capsys):
         T.main(["register", "--run", "f" * 32, "--name", "spam-unit", "--config", "configs/smoke.yaml", *overrides])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: no MLflow run '{'f' * 32}' in {T.tracking_uri_now()}"
+
+
+def test_ui_on_a_taken_port_fails_at_once_with_one_line(store, capsys):
+    # mlflow ui itself starts up, logs "address already in use" and exits 0; we check the port first
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            T.main(["ui", "--port", str(port), "--config", "configs/smoke.yaml"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        T.main(["ui", "--port", "99999", "--config", "configs/smoke.yaml"])
+    assert e.value.code == 2 and "--port must be in 0..65535" in capsys.readouterr().err

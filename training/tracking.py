@@ -485,7 +485,28 @@ def register(run_id: str | None, name: str, alias: str = "", cfg: Config | Track
 # ------------------------------------------------------------------------------------------ command line
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail at once when the address is taken: mlflow ui would say so only after starting up, in a log
+    line, and still exit 0."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise TrackingError(f"--port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise TrackingError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise TrackingError(f"cannot listen on {host}:{port}: {e.strerror} (another MLflow UI? "
+                                f"pick a port with `python -m training.tracking ui --port N`)") from None
+
+
 def _ui(cfg: Config, host: str, port: int) -> int:
+    _check_port(host, port)
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         setup(cfg)  # creates the database when the store is still empty
