@@ -130,15 +130,16 @@ def test_cli_data_file_logs_an_eval_run(tiny_model_dir, cfg, tmp_path, capsys):
     (["--run", "/no/such/model"], "neither a model directory nor an MLflow run id"),
     (["--data", "/no/such.csv"], "no such file"),
     (["--data", "BAD_COLUMN"], "text_col"),
+    (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),  # was range() ValueError traceback
 ])
 def test_cli_user_mistakes_are_one_line(tiny_model_dir, cfg, tmp_path, capsys, extra, message):
     if "BAD_COLUMN" in extra:
         extra = ["--data", str(_write_csv(tmp_path / "x.csv", [("hello", "ham", "a")])), "--text-column", "text_col"]
-    args = ["--config", "configs/smoke.yaml", f"tracking.experiment={cfg.tracking.experiment}", "--no-log"]
+    args = ["--config", "configs/smoke.yaml", "--no-log"]
     if "--run" not in extra:
         args += ["--run", str(tiny_model_dir)]
-    with pytest.raises(SystemExit) as e:
-        E.main(args + extra)
+    with pytest.raises(SystemExit) as e:  # overrides last, as `make eval ... ARGS=` passes them
+        E.main(args + extra + [f"tracking.experiment={cfg.tracking.experiment}"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]

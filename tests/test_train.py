@@ -246,6 +246,8 @@ def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, sto
     (["train.class_balance=oversample"], "train.class_balance must be one of weighted_loss, sampler, none"),
     # once a traceback from the Encoder after the run had started
     (["model.truncation=head_tail", "model.head_tokens=1000"], "model: head_tokens must be 0 (two thirds) or in 1..62"),
+    # once a range() ValueError at the validation pass, after the whole training run
+    (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
 ])
 def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:

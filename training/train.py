@@ -425,6 +425,8 @@ def _check(cfg: Config) -> None:
     if cfg.eval.threshold_rule not in THRESHOLD_RULES:
         raise ConfigError(f"eval.threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, "
                           f"got {cfg.eval.threshold_rule!r}")
+    if cfg.eval.batch_size < 1:  # used for the validation and test passes after training
+        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     if not 0.0 <= cfg.eval.target_fpr < 1.0:
         raise ConfigError(f"eval.target_fpr must be in [0, 1), got {cfg.eval.target_fpr}")
     text_settings(cfg)
