@@ -233,6 +233,16 @@ def test_cli_exports_a_model_dir(tiny_model_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["mine"]
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
+def test_cli_bad_bundle_name_is_one_line(tiny_model_dir, tmp_path, capsys, name):
+    # "../escape" was a FileNotFoundError traceback from tempfile.mkdtemp
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(tiny_model_dir), "--name", name, f"export.output_dir={tmp_path / 'bundles'}"])
+    assert exc.value.code == 2
+    assert "--name must be a plain directory name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "training.export", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})

@@ -632,6 +632,9 @@ def export_bundle(
 
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    # a bundle is one directory under export.output_dir; a leading dot would hide it from newest_bundle
+    if name and (name.startswith(".") or "/" in name or "\\" in name):
+        raise ExportError(f"--name must be a plain directory name (no '/', not starting with '.'), got {name!r}")
     ecfg = cfg.export
     model_dir = Path(model_dir).resolve()
     meta = read_model_meta(model_dir)
