@@ -393,6 +393,8 @@ def test_bad_config_values_are_data_errors(tmp_path):
     corpora = _fixture_corpora(tmp_path)
     with pytest.raises(DataError, match="validation_fraction"):
         prepare(_data_cfg(tmp_path, corpora, validation_fraction=0.6, test_fraction=0.5))
+    with pytest.raises(DataError, match="must be > 0"):  # was an empty split that load_splits could not read
+        prepare(_data_cfg(tmp_path, corpora, validation_fraction=0))
     corpora["sms"].weight = 0
     with pytest.raises(DataError, match=r"data\.corpora\.sms\.weight"):
         prepare(_data_cfg(tmp_path, corpora))

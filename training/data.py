@@ -504,9 +504,11 @@ def data_config_hash(cfg: Config) -> str:
 
 
 def _check_config(d: DataConfig) -> None:
-    if not 0 <= d.validation_fraction < 1 or not 0 <= d.test_fraction < 1 \
+    # both > 0: training picks the threshold on validation and evaluation scores test (and an empty
+    # split saved by datasets cannot be loaded back)
+    if not 0 < d.validation_fraction < 1 or not 0 < d.test_fraction < 1 \
             or d.validation_fraction + d.test_fraction >= 1:
-        raise DataError("data.validation_fraction and data.test_fraction must be >= 0 and sum to less than 1")
+        raise DataError("data.validation_fraction and data.test_fraction must be > 0 and sum to less than 1")
     if not 0 < d.near_dup_threshold <= 1:
         raise DataError("data.near_dup_threshold must be in (0, 1]")
     if d.near_dup_shingle < 1 or d.near_dup_num_perm < 2 or d.near_dup_max_chars < 1:
