@@ -158,3 +158,14 @@ def test_flatten_and_resolve_path():
     assert flat["data.corpora.enron.cap"] == 10000 and flat["data.corpora.uci_sms.cap"] is None
     assert resolve_path("data/raw") == ROOT / "data" / "raw"
     assert resolve_path("/abs/path").as_posix() == "/abs/path"
+
+
+def test_command_line_takes_flags_and_overrides_in_any_order():
+    from training.config import cli_args
+
+    parser = cli_args(None, "test")
+    parser.add_argument("--run")
+    args = parser.parse_args(["--config", "configs/smoke.yaml", "train.epochs=2", "--run", "x", "data.seed=3"])
+    assert args.run == "x" and args.overrides == ["train.epochs=2", "data.seed=3"]
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.train.epochs == 2.0 and cfg.data.seed == 3

@@ -7,6 +7,7 @@ beside every output (`save_resolved`) and logged flattened to MLflow (`flatten`)
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import sys
@@ -326,11 +327,16 @@ def resolve_path(p: str | Path) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flags and key=value overrides in any order: `--config c a=1 --run x b=2`."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        return self.parse_intermixed_args(args, namespace)
+
+
 def cli_args(argv: list[str] | None, description: str, default_config: str = "configs/default.yaml"):
     """The shared command line of every step: `--config FILE` plus `key=value` overrides."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
+    parser = _Parser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
     return parser
