@@ -776,7 +776,6 @@ def mix_card(manifest: dict, splits: dict[str, list[dict]], stats: dict) -> str:
     cfg = manifest["config"]
     corpora = manifest["corpora"]
     dup = manifest["duplicates"]
-    enabled = [n for n, c in corpora.items() if c["enabled"]]
     disabled = [n for n, c in corpora.items() if not c["enabled"]]
     out = [
         f"# Data mix: `{cfg['output_dir']}`",
