@@ -176,6 +176,28 @@ def test_resolve_newest_finished_transformer_run(cfg, tmp_path):
     assert json.loads((got / "spamlingo.json").read_text())["mlflow_run_id"] == ids[1]
 
 
+def test_runs_are_named_by_id_prefix_or_run_name(cfg, tmp_path):
+    import mlflow
+
+    runs = []
+    for i in range(2):
+        with T.start_run(cfg, "transformer") as run:
+            mlflow.log_artifacts(str(_model_dir(tmp_path / f"m{i}", run.info.run_id)), "model")
+            runs.append(run.info)
+    cache = tmp_path / "cache"
+    meta = lambda d: json.loads((d / "spamlingo.json").read_text())["mlflow_run_id"]  # noqa: E731
+    for info in runs:
+        assert meta(T.resolve_model_dir(info.run_id[:8], cfg, cache_dir=cache)) == info.run_id  # compare's short id
+        assert meta(T.resolve_model_dir(info.run_name, cfg, cache_dir=cache)) == info.run_id
+    common = next(i for i in range(32) if runs[0].run_id[i] != runs[1].run_id[i])
+    if common >= 4:  # the two ids share a prefix long enough to be a reference: it must not pick one silently
+        with pytest.raises(T.TrackingError, match="names 2 MLflow runs"):
+            T.resolve_model_dir(runs[0].run_id[:common], cfg, cache_dir=cache)
+    with pytest.raises(T.TrackingError, match="neither a model directory nor an MLflow run id, id prefix or run name"):
+        T.resolve_model_dir("abc", cfg)  # too short to be a prefix, and no run is called that
+    assert T.register(runs[0].run_id[:8], "spam-prefix", "", cfg)["run_id"] == runs[0].run_id
+
+
 def test_register_model_then_bundle_with_alias(cfg, tmp_path, capsys):
     import mlflow
 

@@ -30,6 +30,7 @@ from training.config import ROOT, ConfigError, Config, TrackingConfig, fail, fla
 MODEL_META = "spamlingo.json"  # marks a trained model directory (DESIGN §3)
 KINDS = ("transformer", "baseline", "eval")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+RUN_PREFIX = re.compile(r"^[0-9a-f]{4,31}$")
 PACKAGES = ("torch", "transformers", "onnxruntime", "mlflow", "scikit-learn", "tokenizers", "datasets")
 MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_CHARS = 5000
@@ -357,13 +358,29 @@ def newest_run(cfg: Config | TrackingConfig | None, kind: str = "transformer"):
     return runs[0] if runs else None
 
 
-def _get_run(run_id: str):
+def _get_run(ref: str, or_model_dir: bool = False):
+    """The run that `ref` names: a full run id, a unique id prefix (>= 4 characters) or a run name, in any
+    experiment of the store (the short ids that `make compare` prints are enough)."""
+    from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
-    try:
-        return _client().get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"no MLflow run '{run_id}' in {tracking_uri_now()}") from None
+    client = _client()
+    if RUN_ID.match(ref):
+        try:
+            return client.get_run(ref)
+        except MlflowException:
+            raise TrackingError(f"no MLflow run '{ref}' in {tracking_uri_now()}") from None
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(exps, run_view_type=ViewType.ACTIVE_ONLY, max_results=50000) if exps else []
+    hits = [r for r in runs if r.info.run_name == ref] or (
+        [r for r in runs if r.info.run_id.startswith(ref)] if RUN_PREFIX.match(ref) else [])
+    if len(hits) > 1:
+        names = ", ".join(f"{h.info.run_id[:8]} ({h.info.run_name})" for h in hits[:5])
+        raise TrackingError(f"'{ref}' names {len(hits)} MLflow runs ({names}): give a longer run id")
+    if not hits:
+        what = "a model directory nor an MLflow run id" if or_model_dir else "an MLflow run id"
+        raise TrackingError(f"'{ref}' is neither {what}, id prefix or run name in {tracking_uri_now()}")
+    return hits[0]
 
 
 def tracking_uri_now() -> str:
@@ -418,7 +435,7 @@ def resolve_model_dir(run: str | None, cfg: Config | TrackingConfig | None = Non
     """Turn `RUN=` into a trained model directory (one containing spamlingo.json).
 
     - a directory path -> itself (or its `model/` subdirectory, e.g. runs/default);
-    - an MLflow run id -> that run's model (see `model_dir_of_run`);
+    - an MLflow run id, unique id prefix or run name -> that run's model (see `model_dir_of_run`);
     - None -> the newest FINISHED transformer run of cfg.tracking.experiment.
     Raises TrackingError with a clear message otherwise.
     """
@@ -432,10 +449,11 @@ def resolve_model_dir(run: str | None, cfg: Config | TrackingConfig | None = Non
             if path.is_dir() and (path / "model" / MODEL_META).exists():
                 return path / "model"
             raise TrackingError(f"{path} is not a trained model directory (no {MODEL_META} in it)")
-        if not RUN_ID.match(run):
+        if os.sep in run or "/" in run or run.startswith("."):
             raise TrackingError(f"'{run}' is neither a model directory nor an MLflow run id")
         setup(cfg)
-        return model_dir_of_run(_get_run(run), cache_dir)
+        found = _get_run(run, or_model_dir=True)
+        return model_dir_of_run(found, cache_dir)
     found = newest_run(cfg, "transformer")
     if found is None:
         name = _tracking_cfg(cfg).experiment
@@ -456,8 +474,6 @@ def register(run_id: str | None, name: str, alias: str = "", cfg: Config | Track
     setup(cfg)
     client = _client()
     if run_id:
-        if not RUN_ID.match(run_id):
-            raise TrackingError(f"'{run_id}' is not an MLflow run id")
         run = _get_run(run_id)
     else:
         run = newest_run(cfg, "transformer")
