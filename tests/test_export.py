@@ -243,6 +243,20 @@ def test_cli_bad_bundle_name_is_one_line(tiny_model_dir, tmp_path, capsys, name)
     assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
+@pytest.mark.parametrize("override, says", [
+    ("export.parity_rows=-1", "export.parity_rows must be >= 0"),
+    ("export.opset=9", "export.opset must be between 14 and 21"),
+    ("export.int8_min_agreement=1.5", "export.int8_min_agreement must be in (0, 1]"),
+    ("export.max_abs_logit_diff=0", "export.max_abs_logit_diff must be > 0"),
+])
+def test_cli_bad_export_settings_are_refused_before_any_work(tiny_model_dir, tmp_path, capsys, override, says):
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(tiny_model_dir), override, f"export.output_dir={tmp_path / 'bundles'}"])
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "training.export", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})

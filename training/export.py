@@ -147,6 +147,21 @@ class ParityData:
     source: str
 
 
+def check_export_config(ecfg) -> None:
+    """Reject export settings that would fail late (after minutes of export) or gate nothing."""
+    checks = [
+        (14 <= ecfg.opset <= 21, f"export.opset must be between 14 and 21 (ONNX Runtime's range for this "
+                                 f"graph's operators), got {ecfg.opset}"),
+        (ecfg.parity_rows >= 0, f"export.parity_rows must be >= 0 (0 = every validation row), got {ecfg.parity_rows}"),
+        (ecfg.max_abs_logit_diff > 0, f"export.max_abs_logit_diff must be > 0, got {ecfg.max_abs_logit_diff}"),
+        (0 < ecfg.int8_min_agreement <= 1, f"export.int8_min_agreement must be in (0, 1], got {ecfg.int8_min_agreement}"),
+        (0 <= ecfg.int8_max_f1_drop <= 1, f"export.int8_max_f1_drop must be in [0, 1], got {ecfg.int8_max_f1_drop}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def load_parity_data(model_dir: Path, meta: dict, cfg: Config, rows: int) -> ParityData:
     """The validation split the model was selected on (spamlingo.json data_dir, else data.output_dir),
     `rows` of it (0 = all) drawn with the data seed, so the same export measures the same rows."""
@@ -636,6 +651,7 @@ def export_bundle(
     if name and (name.startswith(".") or "/" in name or "\\" in name):
         raise ExportError(f"--name must be a plain directory name (no '/', not starting with '.'), got {name!r}")
     ecfg = cfg.export
+    check_export_config(ecfg)
     model_dir = Path(model_dir).resolve()
     meta = read_model_meta(model_dir)
     try:
