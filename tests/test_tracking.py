@@ -246,3 +246,41 @@ def test_ui_on_a_taken_port_fails_at_once_with_one_line(store, capsys):
     with pytest.raises(SystemExit) as e:
         T.main(["ui", "--port", "99999", "--config", "configs/smoke.yaml"])
     assert e.value.code == 2 and "--port must be in 0..65535" in capsys.readouterr().err
+
+
+def test_ui_serves_the_store_and_sigterm_stops_every_process(store, tmp_path):
+    # `mlflow ui` serves from child processes: a SIGTERM to this command used to leave them holding the port
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "training.tracking", "ui", "--port", str(port),
+                             "--config", "configs/smoke.yaml"], cwd=T.ROOT, env=os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "MLflow UI did not come up in 120 s"
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        with socket.socket() as s:  # nothing is left listening: the port binds again (TIME_WAIT aside)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

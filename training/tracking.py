@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -533,10 +534,25 @@ def _ui(cfg: Config, host: str, port: int) -> int:
     if root:
         cmd += ["--artifacts-destination", root]
     print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    # `mlflow ui` runs its web server in processes of its own: started in a session of their own, they are
+    # stopped as one group on Ctrl-C or SIGTERM, so no worker outlives this command and keeps the port.
+    # MLflow 3 also starts a job runner with seven huey consumer processes (GenAI scorers): not needed to
+    # browse runs, and heavy on 2 cores; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment keeps it.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        code = proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a worker still alive after its parent exited
+            os.killpg(proc.pid, signal.SIGKILL)
+    return 0 if code in (-signal.SIGTERM, 0) else code
 
 
 def main(argv: list[str] | None = None) -> int:
