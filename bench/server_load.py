@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.inputs import BenchError, Inputs, load_split, rel, sample_rows
 from bench.timing import percentiles
+from serving.client import ClientError, wait_ready
 
 TITLE = "HTTP server vs raw ONNX Runtime"
 NEEDS = ("bundle", "data")
@@ -55,24 +56,16 @@ class Server:
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"spamlingo-bench-server-{self.port}.log"
 
     def __enter__(self) -> "Server":
-        import httpx
-
         self._log = open(self.log, "w+b")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._log.seek(0)
-                tail = self._log.read().decode("utf-8", "replace").strip().splitlines()[-3:]
-                raise BenchError(f"spamlingo-serve exited with {self.proc.returncode}: {' | '.join(tail)}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.__exit__(None, None, None)
-        raise BenchError(f"spamlingo-serve was not ready within {self.timeout:.0f} s (log: {self.log})")
+        try:
+            wait_ready(self.url, self.timeout, alive=lambda: self.proc.poll() is None)
+        except ClientError as e:
+            self._log.seek(0)
+            tail = " | ".join(self._log.read().decode("utf-8", "replace").strip().splitlines()[-3:])
+            self.__exit__(None, None, None)
+            raise BenchError(f"spamlingo-serve: {e}: {tail}") from None
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -52,6 +52,25 @@ def predict(texts: list[str], url: str = DEFAULT_URL, api_key: str = "", timeout
         except (TimeoutError, ConnectionError) as e:
             raise ClientError(f"no answer from the spamlingo server at {url}: {e}") from None
     raise AssertionError("unreachable")
+
+
+def wait_ready(url: str = DEFAULT_URL, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
+    """Poll `url`/readyz until it answers 200 (bundle loaded, warm-up inference done). Raises ClientError
+    after `timeout` seconds, or at once when `alive()` turns false (the server process exited)."""
+    endpoint = url.rstrip("/") + "/readyz"
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None and not alive():
+            raise ClientError(f"the server at {url} exited before it was ready")
+        try:
+            with urllib.request.urlopen(endpoint, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # refused while it starts, or 503 (an HTTPError) until warm-up is done
+            pass
+        if time.monotonic() >= deadline:
+            raise ClientError(f"the server at {url} was not ready within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def _error_message(e: urllib.error.HTTPError) -> str:

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bundle import load_bundle
+from serving.client import ClientError, wait_ready
 from serving.inference import Classifier
 from serving.server import ServerSettings, create_app
 
@@ -78,18 +79,12 @@ def start_server(bundle: Path, log_dir: Path, *flags: str, env: dict | None = No
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
     server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()}")
+    try:
+        wait_ready(server.url, timeout, alive=lambda: proc.poll() is None)
+    except ClientError as e:
+        server.stop()
+        raise AssertionError(f"{e} (exit code {proc.returncode}):\n{log.read_text()}") from None
+    return server
 
 
 # How far a served probability may be from a direct call on the same text in a different batch. fp32 does
