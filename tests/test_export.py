@@ -246,8 +246,8 @@ def test_cli_bad_bundle_name_is_one_line(tiny_model_dir, tmp_path, capsys, name)
 @pytest.mark.parametrize("override, says", [
     ("export.parity_rows=-1", "export.parity_rows must be >= 0"),
     ("export.opset=9", "export.opset must be between 14 and 21"),
-    ("export.int8_min_agreement=1.5", "export.int8_min_agreement must be in (0, 1]"),
-    ("export.max_abs_logit_diff=0", "export.max_abs_logit_diff must be > 0"),
+    ("export.int8_min_agreement=-0.5", "export.int8_min_agreement must be >= 0"),
+    ("export.max_abs_logit_diff=-1e-4", "export.max_abs_logit_diff must be >= 0"),
 ])
 def test_cli_bad_export_settings_are_refused_before_any_work(tiny_model_dir, tmp_path, capsys, override, says):
     with pytest.raises(SystemExit) as exc:
