@@ -17,7 +17,7 @@ from training.config import load_config  # noqa: E402
 from training.metrics import metric_name  # noqa: E402
 
 
-def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True):
+def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True, data_hash=None):
     """One run through the real tracking path; returns (run id, its logged metrics)."""
     cfg = load_config("configs/smoke.yaml", [f"tracking.tracking_uri={uri}", f"tracking.experiment={experiment}",
                                             *overrides])
@@ -34,7 +34,7 @@ def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True):
         rid = run.info.run_id
         mlflow.end_run("RUNNING")
         return rid, {}
-    with tracking.start_run(cfg, kind, run_name=name) as run:
+    with tracking.start_run(cfg, kind, run_name=name, data_hash=data_hash) as run:
         tracking.log_evaluation(y, p, 0.5, groups, "test", plots=False)
         mlflow.log_metrics({"model/size_mb": 1.5, "model/parameters": 1234567})
         if name == "tiny-lr3":  # what `make bench` logs after measuring the server
@@ -56,6 +56,8 @@ def store(tmp_path_factory):
         "unfinished": _log_run(uri, exp, "unfinished", "transformer", [], noise=0.1, seed=3, finish=False),
         "tfidf": _log_run(uri, "spamlingo-other", "tfidf", "baseline", [], noise=0.3, seed=4),
         "eval-file": _log_run(uri, exp, "eval-file", "eval", [], noise=0.2, seed=5),  # `make eval DATA=...`
+        "mix-a": _log_run(uri, "mixes", "mix-a", "transformer", [], 0.2, seed=6, data_hash="a" * 64),
+        "mix-b": _log_run(uri, "mixes", "mix-b", "transformer", [], 0.2, seed=7, data_hash="b" * 64),
     }
     yield uri, runs
     mp.undo()
@@ -128,6 +130,19 @@ def test_filters_by_tag_and_run_ids(store, tmp_path, capsys):
     table = out.split("\n\n")[0]
     assert "tiny-lr3" in table and "tfidf" in table and "tiny-lr4" not in table
     assert tfidf[:8] in table
+
+
+def test_runs_on_different_data_mixes_are_flagged(store, tmp_path, capsys):
+    out = _run(store, tmp_path, capsys, "--experiment", "mixes")
+    table = out.split("\n\n")[0]
+    assert "data" in table.splitlines()[1].split()
+    assert "a" * 12 in table and "b" * 12 in table
+    assert "warning: these runs were scored on 2 different data mixes" in out
+    assert "> **Warning:** these runs were scored on 2" in (tmp_path / "out" / "compare.md").read_text()
+    out = _run(store, tmp_path, capsys, "--experiment", "mixes", "--tag", f"data_hash={'a' * 64}")
+    assert "mix-a" in out and "mix-b" not in out and "warning" not in out
+    out = _run(store, tmp_path, capsys, "--experiment", "spamlingo-test")  # one mix: no data column
+    assert "warning" not in out and "data" not in out.split("\n\n")[0].splitlines()[1].split()
 
 
 @pytest.mark.parametrize(
