@@ -23,6 +23,7 @@ from typing import Sequence
 
 from training.config import ROOT, fail
 from training.metrics import metric_name
+from training.tracking import match_run_ref
 
 DEFAULT_METRIC = "test/overall/f1"
 DEFAULT_OUT = "runs/compare"
@@ -189,8 +190,7 @@ def find_runs(
 def _pick(runs: list[RunRow], wanted: Sequence[str]) -> list[RunRow]:
     picked: list[RunRow] = []
     for w in wanted:
-        hits = [r for r in runs if r.run_id == w] or [r for r in runs if r.name == w] or (
-            [r for r in runs if r.run_id.startswith(w)] if len(w) >= 4 else [])
+        hits = [runs[k] for k in match_run_ref(w, [(r.run_id, r.name) for r in runs])]
         if not hits:
             raise CompareError(f"no run with id, id prefix or name '{w}' in the store")
         if len(hits) > 1:

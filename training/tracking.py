@@ -359,6 +359,18 @@ def newest_run(cfg: Config | TrackingConfig | None, kind: str = "transformer"):
     return runs[0] if runs else None
 
 
+def match_run_ref(ref: str, ids_and_names: Sequence[tuple[str, str]]) -> list[int]:
+    """Indexes of the runs that `ref` names: its exact id, else its run name, else every id it is a prefix of
+    (4 hex characters or more). The one rule for RUN= (eval, export, register) and `compare --runs`."""
+    tests = ((lambda i, n: i == ref), (lambda i, n: n == ref),
+             (lambda i, n: bool(RUN_PREFIX.match(ref)) and i.startswith(ref)))
+    for test in tests:
+        hits = [k for k, (run_id, name) in enumerate(ids_and_names) if test(run_id, name)]
+        if hits:
+            return hits
+    return []
+
+
 def _get_run(ref: str, or_model_dir: bool = False):
     """The run that `ref` names: a full run id, a unique id prefix (>= 4 characters) or a run name, in any
     experiment of the store (the short ids that `make compare` prints are enough)."""
@@ -373,8 +385,7 @@ def _get_run(ref: str, or_model_dir: bool = False):
             raise TrackingError(f"no MLflow run '{ref}' in {tracking_uri_now()}") from None
     exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     runs = client.search_runs(exps, run_view_type=ViewType.ACTIVE_ONLY, max_results=50000) if exps else []
-    hits = [r for r in runs if r.info.run_name == ref] or (
-        [r for r in runs if r.info.run_id.startswith(ref)] if RUN_PREFIX.match(ref) else [])
+    hits = [runs[k] for k in match_run_ref(ref, [(r.info.run_id, r.info.run_name) for r in runs])]
     if len(hits) > 1:
         names = ", ".join(f"{h.info.run_id[:8]} ({h.info.run_name})" for h in hits[:5])
         raise TrackingError(f"'{ref}' names {len(hits)} MLflow runs ({names}): give a longer run id")
