@@ -180,7 +180,8 @@ def _log(cfg: Config, meta: dict, model_dir: Path, labels, p, threshold, groups,
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _check(cfg: Config) -> None:
+def check_eval_config(cfg: Config) -> None:
+    """The eval settings every scoring pass uses (also checked by training before it starts)."""
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
 
@@ -191,7 +192,7 @@ def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", 
     the per-source/per-language table; log metrics, metrics.md and plots to MLflow (when `log`)."""
     from training import metrics as M
 
-    _check(cfg)
+    check_eval_config(cfg)
     model_dir = Path(model_dir)
     model, encoder, meta = load_model(model_dir)
     rows, data_dir = _split_rows(model_dir, meta, cfg, split)
@@ -233,7 +234,7 @@ def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text:
     from training import metrics as M
     from training.data import read_labelled_file
 
-    _check(cfg)
+    check_eval_config(cfg)
     model_dir = Path(model_dir)
     model, encoder, meta = load_model(model_dir)
     mask_digits = bool(meta["text"].get("mask_digits", True))

@@ -419,14 +419,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.early_stopping_patience must be >= 0")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    from training.evaluate import check_eval_config
     from training.metrics import THRESHOLD_RULES
 
     # checked now rather than after an hour of training
     if cfg.eval.threshold_rule not in THRESHOLD_RULES:
         raise ConfigError(f"eval.threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, "
                           f"got {cfg.eval.threshold_rule!r}")
-    if cfg.eval.batch_size < 1:  # used for the validation and test passes after training
-        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    check_eval_config(cfg)  # the validation and test passes after training use eval.batch_size
     if not 0.0 <= cfg.eval.target_fpr < 1.0:
         raise ConfigError(f"eval.target_fpr must be in [0, 1), got {cfg.eval.target_fpr}")
     text_settings(cfg)
