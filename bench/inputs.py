@@ -72,12 +72,9 @@ def rel(p: Path | str) -> str:
 def resolve_model(run: str | None, cfg: Config) -> tuple[Path, dict]:
     """RUN (run id, model dir, or None = newest finished training run) -> (model dir, spamlingo.json)."""
     from training.compare import local_store_missing
-    from training.tracking import TrackingError, resolve_model_dir, tracking_uri
+    from training.tracking import TrackingError, is_path_ref, resolve_model_dir, tracking_uri
 
-    if run and not Path(run).exists() and "/" in run:  # a path, not a run id: no store needed to say so
-        raise BenchError(f"'{run}' is neither a model directory nor an MLflow run id "
-                         "(bench needs a trained model: `make train`, then `make export`)")
-    if not (run and Path(run).exists()):
+    if not (run and (Path(run).exists() or is_path_ref(run))):  # a path needs no store
         missing = local_store_missing(tracking_uri(cfg))  # looking must not create an empty store
         if missing:
             raise BenchError(f"no MLflow store at {missing}: run `make train` and `make export` first "

@@ -442,6 +442,11 @@ def model_dir_of_run(run, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def is_path_ref(ref: str) -> bool:
+    """`RUN=` written as a path (it has a separator or starts with '.'): never looked up as a run."""
+    return os.sep in ref or "/" in ref or ref.startswith(".")
+
+
 def resolve_model_dir(run: str | None, cfg: Config | TrackingConfig | None = None,
                       cache_dir: str | Path | None = None) -> Path:
     """Turn `RUN=` into a trained model directory (one containing spamlingo.json).
@@ -461,7 +466,7 @@ def resolve_model_dir(run: str | None, cfg: Config | TrackingConfig | None = Non
             if path.is_dir() and (path / "model" / MODEL_META).exists():
                 return path / "model"
             raise TrackingError(f"{path} is not a trained model directory (no {MODEL_META} in it)")
-        if os.sep in run or "/" in run or run.startswith("."):
+        if is_path_ref(run):
             raise TrackingError(f"'{run}' is neither a model directory nor an MLflow run id")
         setup(cfg)
         found = _get_run(run, or_model_dir=True)
