@@ -112,6 +112,10 @@ def load_backbone(model_cfg: ModelConfig, corpus_texts: list[str] | None = None)
         model, tokenizer, info["vocab_trim"] = trim_vocabulary(model, tokenizer, capped)
     else:
         info["vocab_trim"] = None
+    from training.modeling import set_pooling
+
+    model = set_pooling(model, model_cfg.pooling)
+    info["pooling"] = model_cfg.pooling
     set_dropout(model, model_cfg.dropout)
     info["dropout"] = model_cfg.dropout
     info["frozen"] = freeze(model, model_cfg.freeze_embeddings, model_cfg.freeze_layers)

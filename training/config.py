@@ -76,6 +76,9 @@ class ModelConfig:
     freeze_embeddings: bool = True
     freeze_layers: int = 0  # freeze the lower N encoder layers
     dropout: float = 0.1
+    # cls: the family's own head (first token + pooler); mean: masked mean of the last hidden states + one
+    # linear layer, how multilingual-e5 was pretrained (training/modeling.py)
+    pooling: str = "cls"
     # tiny backbone only
     tiny_hidden: int = 64
     tiny_layers: int = 2
@@ -106,6 +109,13 @@ class TrainConfig:
     # validation and test splits are never capped, so runs on one prepared dataset stay comparable
     max_eval_rows: int = 0  # 0 = every validation row
     logging_steps: int = 20
+    # LP-FT: fit the head as a logistic regression on the frozen mean-pooled features first, then fine-tune
+    # (needs model.pooling=mean); linear_probe_C is the regression's inverse regularisation strength
+    linear_probe: bool = False
+    linear_probe_C: float = 1.0
+    # sources whose rows are left out of training and validation (the leave-one-corpus-out folds of the
+    # out-of-distribution benchmark); the test split is untouched
+    exclude_sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -113,6 +123,11 @@ class EvalConfig:
     threshold_rule: str = "max_recall_at_fpr"  # best_f1 | max_recall_at_fpr
     target_fpr: float = 0.01
     batch_size: int = 64
+    # a threshold per language (same rule, on that language's validation rows) where it has at least
+    # threshold_min_ham ham and threshold_min_spam spam validation rows; the others use the global one
+    per_language_thresholds: bool = True
+    threshold_min_ham: int = 100
+    threshold_min_spam: int = 20
 
 
 @dataclass

@@ -4,8 +4,9 @@
     python -m training.evaluate --config configs/default.yaml --run <run id | model dir>
     python -m training.evaluate --data my_messages.csv [--text-column body --label-column is_spam]
 
-The threshold is the one in the model's spamlingo.json (chosen on validation at training time): the test
-split never picks it. Text goes through serving.text exactly as in serving (normalize with the model's
+The thresholds are the model's policy in spamlingo.json (`thresholds`: global plus per-language ones, chosen
+on validation at training time; an older model's single `threshold` otherwise), applied per row by the
+row's language tag as serving does (serving/thresholds.py): the test split never picks them. Text goes through serving.text exactly as in serving (normalize with the model's
 mask_digits, Encoder with its TextSettings). Test-split results are logged into the model's own MLflow run
 (or a new `eval` run when the model has none in this store); `--data` results go to a new `eval` run
 linked to the model run, with metric names `data/<scope>/<metric>`.
@@ -22,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from serving import thresholds as TH
 from serving.text import Encoder, TextSettings, normalize
 from training.config import Config, ConfigError, cli_args, fail, load_config
 from training.tracking import MODEL_META, TrackingError
@@ -34,12 +36,15 @@ class EvaluateError(Exception):
 @dataclass
 class EvalResult:
     grouped: dict  # metrics.grouped_metrics: {"overall": {...}, "source=...": {...}, "lang=...": {...}}
-    threshold: float
+    threshold: float  # the global threshold (policy["default"])
     split: str  # test | validation | data
     table: str  # markdown
     mlflow_run_id: str | None  # the run the results were logged to (None: not logged)
     p_spam: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
     labels: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=int))
+    policy: dict = field(repr=False, default_factory=dict)  # serving.thresholds policy applied
+    thresholds: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))  # per row
+    scopes: list = field(repr=False, default_factory=list)  # per row: "lang:<tag>" | "global"
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -57,14 +62,38 @@ def read_meta(model_dir: str | Path) -> dict:
     missing = [k for k in ("text", "threshold") if k not in meta]
     if missing:
         raise EvaluateError(f"{path}: missing {', '.join(missing)}")
+    try:
+        TH.from_manifest(meta)
+    except (TypeError, ValueError) as e:
+        raise EvaluateError(f"{path}: invalid thresholds: {e}") from None
     return meta
+
+
+def model_policy(meta: dict) -> dict:
+    """The threshold policy of a model's spamlingo.json (a single-threshold one for older models)."""
+    return TH.from_manifest(meta)
+
+
+def threshold_lines(policy: dict, langs) -> str:
+    """Which threshold applied to each language of the scored rows: a markdown table."""
+    counts: dict[str, int] = {}
+    for x in langs:
+        counts[str(x)] = counts.get(str(x), 0) + 1
+    notes = policy.get("languages") or {}
+    lines = ["| lang | rows | threshold | scope | why |", "|---|---:|---:|---|---|"]
+    for lang in sorted(counts):
+        t, scope = TH.threshold_for(policy, lang)
+        why = (notes.get(lang) or {}).get("reason") or ("not in validation" if notes else "single threshold")
+        lines.append(f"| {lang} | {counts[lang]} | {t:.6g} | {scope} | {why} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_model(model_dir: str | Path, device: str | None = None):
     """(model, encoder, meta): the transformers classifier in eval mode on `device` (default: cuda when
     available), the serving Encoder over the model's tokenizer.json with its TextSettings, spamlingo.json."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+
+    from training.modeling import load_classifier
 
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
@@ -74,7 +103,7 @@ def load_model(model_dir: str | Path, device: str | None = None):
     except Exception as e:  # a missing file is OSError, a bad tokenizer.json a bare Exception from tokenizers
         raise EvaluateError(f"{model_dir}: cannot build the text encoder ({e})") from None
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+        model = load_classifier(model_dir)
     except (OSError, ValueError) as e:
         raise EvaluateError(f"{model_dir}: cannot load the model ({e})") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,9 +178,10 @@ def _split_rows(model_dir: Path, meta: dict, cfg: Config, split: str):
 
 def _log(cfg: Config, meta: dict, model_dir: Path, labels, p, threshold, groups, split: str, *, title: str,
          table_file: str | None = None, tags: dict | None = None, run_name: str | None = None,
-         data_hash: str | None = None, force_new_run: bool = False) -> str:
+         data_hash: str | None = None, force_new_run: bool = False, policy: dict | None = None,
+         extra_text: str = "") -> str:
     """Log into the model's run when it is in this store (and not `force_new_run`), else into a new
-    `eval` run. Returns the run id."""
+    `eval` run. `threshold`: a float or per-row thresholds (from `policy`). Returns the run id."""
     from mlflow.exceptions import MlflowException
 
     from training import tracking
@@ -167,13 +197,15 @@ def _log(cfg: Config, meta: dict, model_dir: Path, labels, p, threshold, groups,
             model_run_found = True
         if model_run_found:
             with tracking.resume_run(model_run, cfg):
-                tracking.log_evaluation(labels, p, threshold, groups, split, title=title, table_file=table_file)
+                tracking.log_evaluation(labels, p, threshold, groups, split, title=title, table_file=table_file,
+                                        policy=policy, extra_text=extra_text)
             return model_run
     tags = {"spamlingo.model_dir": str(model_dir), **(tags or {})}
     if model_run:
         tags["spamlingo.model_run_id"] = model_run
     with tracking.start_run(cfg, "eval", run_name=run_name, data_hash=data_hash, tags=tags) as run:
-        tracking.log_evaluation(labels, p, threshold, groups, split, title=title, table_file=table_file)
+        tracking.log_evaluation(labels, p, threshold, groups, split, title=title, table_file=table_file,
+                                policy=policy, extra_text=extra_text)
         return run.info.run_id
 
 
@@ -184,12 +216,16 @@ def check_eval_config(cfg: Config) -> None:
     """The eval settings every scoring pass uses (also checked by training before it starts)."""
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    for key in ("threshold_min_ham", "threshold_min_spam"):
+        if getattr(cfg.eval, key) < 0:
+            raise ConfigError(f"eval.{key} must be >= 0, got {getattr(cfg.eval, key)}")
 
 
 def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", *, log: bool = True,
                        progress: bool = True) -> EvalResult:
-    """Score the model on a split of its prepared data (test by default) at its stored threshold; print
-    the per-source/per-language table; log metrics, metrics.md and plots to MLflow (when `log`)."""
+    """Score the model on a split of its prepared data (test by default) at its stored thresholds (each
+    row at its language's threshold from the model's policy); print the per-source/per-language table and
+    which threshold applied per language; log metrics, metrics.md and plots to MLflow (when `log`)."""
     from training import metrics as M
 
     check_eval_config(cfg)
@@ -201,20 +237,23 @@ def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", 
         raise EvaluateError(f"{data_dir}: the '{split}' split is empty")
     mask_digits = bool(meta["text"].get("mask_digits", True))
     p = predict_proba(model, encoder, texts, cfg.eval.batch_size, mask_digits, progress, desc=f"{split} split")
-    threshold = float(meta["threshold"])
-    groups = {"source": list(rows["source"]), "lang": list(rows["lang"])}
-    grouped = M.grouped_metrics(labels, p, threshold, groups)
+    policy = model_policy(meta)
+    langs = list(rows["lang"])
+    per_row, scopes = TH.thresholds_for(policy, langs)
+    groups = {"source": list(rows["source"]), "lang": langs}
+    grouped = M.grouped_metrics(labels, p, per_row, groups)
     table = M.metrics_table(grouped)
+    applied = threshold_lines(policy, langs)
     short = "val" if split == "validation" else split
-    print(f"\n{model_dir} on {data_dir} ({split}, {len(labels)} rows), threshold {threshold:.4g} "
-          f"({meta.get('threshold_rule', '?')}):\n\n{table}")
+    print(f"\n{model_dir} on {data_dir} ({split}, {len(labels)} rows), thresholds {TH.describe(policy)} "
+          f"({meta.get('threshold_rule', '?')}):\n\n{applied}\n{table}")
     run_id = None
     if log:
-        run_id = _log(cfg, meta, model_dir, labels, p, threshold, groups, short, title=f"{model_dir.name} {split}",
+        run_id = _log(cfg, meta, model_dir, labels, p, per_row, groups, short, title=f"{model_dir.name} {split}",
                       tags={"spamlingo.eval_split": split}, run_name=f"eval-{split}",
-                      data_hash=meta.get("data_hash"))
+                      data_hash=meta.get("data_hash"), policy=policy, extra_text=applied)
         print(f"logged to MLflow run {run_id}")
-    return EvalResult(grouped, threshold, short, table, run_id, p, labels)
+    return EvalResult(grouped, policy["default"], short, table, run_id, p, labels, policy, per_row, scopes)
 
 
 def file_hash(path: str | Path) -> str:
@@ -242,21 +281,25 @@ def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text:
     texts = [r["text"] for r in rows]
     labels = np.asarray([r["label"] for r in rows], dtype=int)
     p = predict_proba(model, encoder, texts, cfg.eval.batch_size, mask_digits, progress, desc=Path(path).name)
-    threshold = float(meta["threshold"])
-    groups = {"source": [r["source"] for r in rows], "lang": [r["lang"] for r in rows]}
-    grouped = M.grouped_metrics(labels, p, threshold, groups)
+    policy = model_policy(meta)
+    langs = [r["lang"] for r in rows]
+    per_row, scopes = TH.thresholds_for(policy, langs)
+    groups = {"source": [r["source"] for r in rows], "lang": langs}
+    grouped = M.grouped_metrics(labels, p, per_row, groups)
     table = M.metrics_table(grouped)
-    print(f"\n{model_dir} on {path} ({len(labels)} rows, {int(labels.sum())} spam), threshold "
-          f"{threshold:.4g}:\n\n{table}")
+    applied = threshold_lines(policy, langs)
+    print(f"\n{model_dir} on {path} ({len(labels)} rows, {int(labels.sum())} spam), thresholds "
+          f"{TH.describe(policy)}:\n\n{applied}\n{table}")
     run_id = None
     if log:
         digest = file_hash(path)
         tags = {"spamlingo.data_file": str(Path(path).resolve()), "spamlingo.data_file_sha256": digest}
-        run_id = _log(cfg, meta, model_dir, labels, p, threshold, groups, "data",
+        run_id = _log(cfg, meta, model_dir, labels, p, per_row, groups, "data",
                       title=f"{model_dir.name} on {Path(path).name}", table_file="metrics.md", tags=tags,
-                      run_name=f"eval-{Path(path).name.split('.')[0]}", data_hash=digest, force_new_run=True)
+                      run_name=f"eval-{Path(path).name.split('.')[0]}", data_hash=digest, force_new_run=True,
+                      policy=policy, extra_text=applied)
         print(f"logged to MLflow run {run_id}")
-    return EvalResult(grouped, threshold, "data", table, run_id, p, labels)
+    return EvalResult(grouped, policy["default"], "data", table, run_id, p, labels, policy, per_row, scopes)
 
 
 # ------------------------------------------------------------------------------------------ command line

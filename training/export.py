@@ -12,7 +12,8 @@ Steps
    dynamo graph (whose attention ONNX Runtime's BERT fusions do not recognise). The dynamo exporter is the
    fallback (`--exporter` chooses). Attention is exported in its "eager" form, which ONNX Runtime fuses.
 3. Parity gate (fp32): ONNX Runtime vs PyTorch on validation texts: max |Δlogit| <= export.max_abs_logit_diff
-   and the same label on every row, else the export fails. With `export.optimize`, ONNX Runtime's
+   and the same label on every row (each row at its language's threshold from the model's policy,
+   serving/thresholds.py), else the export fails. With `export.optimize`, ONNX Runtime's
    transformer fusions are applied and kept only if the fused graph passes the same gate.
 4. int8 (dynamic quantisation), remedies tried in order until one passes the int8 gate (label agreement
    with fp32 >= export.int8_min_agreement, spam-F1 drop <= export.int8_max_f1_drop overall and per
@@ -42,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from serving import thresholds as TH
 from serving.bundle import FORMAT_VERSION, TOKENIZER, BundleError, load_bundle, write_manifest
 from serving.inference import Classifier, Prepared, length_batches, prepare_texts, spam_probability
 from serving.text import Encoder, TextSettings
@@ -84,6 +86,10 @@ def read_model_meta(model_dir: Path) -> dict:
     for key in ("labels", "threshold", "text"):
         if key not in meta:
             raise ExportError(f"{path}: missing key '{key}'")
+    try:
+        TH.from_manifest(meta)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{path}: invalid thresholds: {e}") from None
     if not (model_dir / TOKENIZER).exists():
         raise ExportError(f"{model_dir}: {TOKENIZER} is missing (the serving tokenizer must be exported)")
     return meta
@@ -194,13 +200,14 @@ def load_parity_data(model_dir: Path, meta: dict, cfg: Config, rows: int) -> Par
 
 
 def load_torch_model(model_dir: Path):
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from training.modeling import load_classifier
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" of a model this command just trained
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True)
+        model = load_classifier(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ExportError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
     return model.eval()
@@ -323,7 +330,8 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def fp32_parity(ref_logits, onnx_logits, threshold: float, limit: float) -> dict:
+def fp32_parity(ref_logits, onnx_logits, threshold, limit: float) -> dict:
+    """`threshold`: a float or per-row thresholds (the policy applied to the rows' languages)."""
     import numpy as np
 
     diff = np.abs(np.asarray(ref_logits) - np.asarray(onnx_logits))
@@ -343,14 +351,16 @@ def fp32_parity(ref_logits, onnx_logits, threshold: float, limit: float) -> dict
     }
 
 
-def int8_parity(labels, langs, p_fp32, p_int8, threshold: float, min_agreement: float, max_f1_drop: float) -> dict:
-    """Label agreement with fp32 and spam-F1 drop (vs the true labels) overall and per language."""
+def int8_parity(labels, langs, p_fp32, p_int8, threshold, min_agreement: float, max_f1_drop: float) -> dict:
+    """Label agreement with fp32 and spam-F1 drop (vs the true labels) overall and per language.
+    `threshold`: a float or per-row thresholds (each row at its language's threshold, as served)."""
     import numpy as np
 
     from training.metrics import binary_metrics
 
     y = np.asarray(labels, dtype=np.int64)
     langs = np.asarray(langs, dtype=object)
+    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(y),))
     agree = float(np.mean((p_fp32 >= threshold) == (p_int8 >= threshold))) if len(y) else 1.0
     scopes = {"overall": np.ones(len(y), dtype=bool)}
     for lang in sorted(set(langs.tolist())):
@@ -360,9 +370,9 @@ def int8_parity(labels, langs, p_fp32, p_int8, threshold: float, min_agreement: 
     if agree < min_agreement:
         reasons.append(f"label agreement {agree:.4f} < {min_agreement}")
     for scope, m in scopes.items():
-        f_fp = binary_metrics(y[m], p_fp32[m], threshold)["f1"]
-        f_q = binary_metrics(y[m], p_int8[m], threshold)["f1"]
-        a = float(np.mean((p_fp32[m] >= threshold) == (p_int8[m] >= threshold)))
+        f_fp = binary_metrics(y[m], p_fp32[m], threshold[m])["f1"]
+        f_q = binary_metrics(y[m], p_int8[m], threshold[m])["f1"]
+        a = float(np.mean((p_fp32[m] >= threshold[m]) == (p_int8[m] >= threshold[m])))
         drop = (f_fp - f_q) if not (math.isnan(f_fp) or math.isnan(f_q)) else (
             0.0 if math.isnan(f_fp) and math.isnan(f_q) else math.nan)
         gated = scope == "overall" or int(m.sum()) >= MIN_LANG_ROWS
@@ -505,7 +515,7 @@ class _Work:
     base: dict  # the manifest fields known before any graph exists
     prepared: list[Prepared]
     ref: Any  # np.ndarray (n, 2): PyTorch logits
-    threshold: float
+    threshold: Any  # np.ndarray (n,): each parity row's threshold (the policy at the row's language)
     threads: int
 
     @property
@@ -658,7 +668,8 @@ def export_bundle(
         settings = TextSettings.from_dict(meta["text"])
     except (TypeError, ValueError) as e:
         raise ExportError(f"{model_dir / MODEL_META}: invalid 'text' settings: {e}") from None
-    threshold = float(meta["threshold"])
+    policy = TH.from_manifest(meta)  # checked by read_model_meta
+    threshold = policy["default"]
     run_id = meta.get("mlflow_run_id")
     if texts is None:
         data = load_parity_data(model_dir, meta, cfg, ecfg.parity_rows)
@@ -681,7 +692,7 @@ def export_bundle(
     try:
         shutil.copyfile(model_dir / TOKENIZER, tmp / TOKENIZER)
         base = {"format_version": FORMAT_VERSION, "labels": list(meta["labels"]), "threshold": threshold,
-                "threshold_rule": meta.get("threshold_rule"), "text": settings.to_dict(),
+                "thresholds": policy, "threshold_rule": meta.get("threshold_rule"), "text": settings.to_dict(),
                 "inputs": list(GRAPH_INPUTS), "output": OUTPUT}
         model = load_torch_model(model_dir)
         # Text prepared once through serving's path, with the bundle's own tokenizer.json and settings;
@@ -689,11 +700,12 @@ def export_bundle(
         encoder = Encoder.from_file(str(tmp / TOKENIZER), settings)
         prepared = prepare_texts(encoder, settings, data.texts)
         langs = [p.lang for p in prepared]
+        row_thresholds = TH.thresholds_for(policy, langs)[0]  # the labels the server will give these rows
         torch_logits(model, encoder, prepared[:1])  # warm-up, kept out of the timing
         t0 = time.perf_counter()
         ref = torch_logits(model, encoder, prepared, show=show)
         torch_seconds = time.perf_counter() - t0
-        work = _Work(tmp, base, prepared, ref, threshold, threads)
+        work = _Work(tmp, base, prepared, ref, row_thresholds, threads)
 
         if hasattr(model, "set_attn_implementation"):
             with contextlib.suppress(Exception):  # the attention pattern ONNX Runtime's fusions match
@@ -713,10 +725,10 @@ def export_bundle(
 
         n = len(prepared)
         speed = {"rows": n, "torch_ms_per_text": 1000 * torch_seconds / n, "fp32_ms_per_text": 1000 * fp32_seconds / n}
-        metrics = {"rows": n, "fp32": _metrics_at(data.labels, p32, langs, threshold)}
+        metrics = {"rows": n, "fp32": _metrics_at(data.labels, p32, langs, row_thresholds)}
         if p8 is not None:
             speed["int8_ms_per_text"] = 1000 * int8_seconds / n
-            metrics["int8"] = _metrics_at(data.labels, p8, langs, threshold)
+            metrics["int8"] = _metrics_at(data.labels, p8, langs, row_thresholds)
         manifest = {
             **base,
             "models": {"fp32": FP32_FILE, "int8": INT8_FILE if p8 is not None else None},

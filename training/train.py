@@ -6,8 +6,10 @@
 Steps: prepare the data if needed -> cap the training rows (train.max_rows_per_source / max_train_rows)
 -> build the backbone (vocabulary trimmed to the training texts) -> tokenise through serving.text.Encoder
 (the same truncation as export and serving) -> Hugging Face Trainer with dynamic padding, length-grouped
-batches, class balancing, best checkpoint by validation PR-AUC and early stopping -> on rank 0: threshold
-chosen on the whole validation split, the model directory (docs/DESIGN.md §3), test evaluation, MLflow.
+batches, class balancing, best checkpoint by validation PR-AUC and early stopping -> on rank 0: thresholds
+chosen on the validation split (the global one on all of it, per-language ones where a language has
+enough rows: training.metrics.threshold_policy), the model directory (docs/DESIGN.md §3), test evaluation
+at those thresholds, MLflow.
 
 Checkpoints go to `<train.output_dir>/checkpoints`; `train.resume=true` continues from the newest complete
 one (and the same MLflow run). Under torchrun every rank trains; only rank 0 logs and writes outputs.
@@ -75,6 +77,23 @@ def cap_training_rows(ds, max_rows_per_source: int, max_train_rows: int, seed: i
     if max_train_rows:
         ds = ds.select(_capped_indices(ds["label"], max_train_rows, seed, "train"))
     return ds
+
+
+def exclude_sources(splits, sources: list[str]):
+    """The splits without `sources` in train and validation (a leave-one-corpus-out fold); test is kept
+    whole, so the fold's held-out corpus can be scored from it and the other sources stay comparable."""
+    if not sources:
+        return splits
+    known = set(splits["train"]["source"]) | set(splits["validation"]["source"])
+    unknown = sorted(set(sources) - known)
+    if unknown:
+        raise ConfigError(f"train.exclude_sources: no source {', '.join(unknown)} in the prepared data "
+                          f"(sources: {', '.join(sorted(known))})")
+    drop = set(sources)
+    out = dict(splits)
+    for split in ("train", "validation"):
+        out[split] = splits[split].filter(lambda s: s not in drop, input_columns="source")
+    return out
 
 
 def cap_eval_rows(ds, n: int, seed: int):
@@ -567,7 +586,7 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
 
     with state.main_process_first():  # rank 0 prepares; the others then find it prepared
         data_dir = ensure_prepared(cfg)
-    splits = load_splits(cfg)
+    splits = exclude_sources(load_splits(cfg), t.exclude_sources)
     train_rows = cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows, t.seed)
     val_rows = splits["validation"]
     val_during = cap_eval_rows(val_rows, t.max_eval_rows, t.seed)
@@ -581,11 +600,24 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
     val_set = encode(encoder, list(val_during["text"]), list(val_during["label"]), "validation",
                      main).sorted_by_length()
 
+    probe = None
+    if t.linear_probe and resume_from is None:  # a resumed run's head comes from its checkpoint
+        from training.modeling import linear_probe
+
+        probe = linear_probe(model, encoder, train_set.input_ids, train_set.labels, C=t.linear_probe_C,
+                             class_weight="balanced" if t.class_balance != "none" else None,
+                             batch_size=cfg.eval.batch_size, seed=t.seed)
+        if main:
+            print(f"linear probe on frozen mean-pooled features: {probe['rows']} rows, training accuracy "
+                  f"{probe['train_accuracy']:.4f} ({probe['seconds']:.0f} s); fine-tuning starts from it",
+                  flush=True)
     if main:
         import mlflow
 
         from training import tracking
 
+        if probe:
+            mlflow.log_metrics({"lp/train_accuracy": probe["train_accuracy"], "lp/seconds": probe["seconds"]})
         tracking.tag_data(data_dir)
         mlflow.set_tags({"device": device, "precision": precision, "world_size": str(world),
                          "backbone": cfg.model.backbone})
@@ -627,13 +659,14 @@ def _checkpoint_step(path: Path) -> int:
 
 def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path, splits, run_id: str,
             ) -> tuple[Path, dict]:
-    """Rank 0, inside the MLflow run: threshold on the whole validation split, the model directory,
-    test evaluation of the saved directory, artifacts."""
+    """Rank 0, inside the MLflow run: the threshold policy on the validation split (global + per
+    language), the model directory, test evaluation of the saved directory at the same policy, artifacts."""
     import mlflow
 
+    from serving import thresholds as TH
     from training import tracking
     from training.evaluate import evaluate_model_dir, predict_proba
-    from training.metrics import ThresholdWarning, threshold_choice
+    from training.metrics import ThresholdWarning, threshold_policy
 
     out_dir = resolve_path(cfg.train.output_dir)
     model = trainer.model  # the best checkpoint (load_best_model_at_end)
@@ -641,23 +674,37 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     y_val = list(val["label"])
     p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
                           desc="validation split")
+    e = cfg.eval
     with warnings.catch_warnings():  # its note is printed below and kept in spamlingo.json
         warnings.simplefilter("ignore", ThresholdWarning)
-        choice = threshold_choice(y_val, p_val, cfg.eval.threshold_rule, cfg.eval.target_fpr)
-    threshold = choice["threshold"]
-    print(f"threshold {threshold:.6g} ({cfg.eval.threshold_rule}, target FPR {cfg.eval.target_fpr:g}): validation "
-          f"precision {choice['val_precision']:.4f}, recall {choice['val_recall']:.4f}, FPR {choice['val_fpr']:.4f}"
+        policy = threshold_policy(y_val, p_val, list(val["lang"]), e.threshold_rule, e.target_fpr,
+                                  e.threshold_min_ham, e.threshold_min_spam, per_language=e.per_language_thresholds)
+    choice = policy["global"]
+    threshold = policy["default"]
+
+    def _f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    print(f"threshold {threshold:.6g} ({e.threshold_rule}, target FPR {e.target_fpr:g}): validation "
+          f"precision {_f(choice['val_precision'])}, recall {_f(choice['val_recall'])}, FPR {_f(choice['val_fpr'])}"
           + (f"; {choice['note']}" if choice["note"] else ""), flush=True)
+    for lang, info_l in policy["languages"].items():
+        print(f"  lang {lang}: threshold {info_l['threshold']:.6g} ({info_l['scope']}; {info_l['ham']} ham, "
+              f"{info_l['spam']} spam in validation; precision {_f(info_l['val_precision'])}, recall "
+              f"{_f(info_l['val_recall'])}, FPR {_f(info_l['val_fpr'])}): {info_l['reason']}", flush=True)
     groups = {"source": list(val["source"]), "lang": list(val["lang"])}
+    val_thresholds = TH.thresholds_for(policy, groups["lang"])[0]
     # validation: metrics and metrics_val.md; the plots are drawn for the test split
-    val_grouped = tracking.log_evaluation(y_val, p_val, threshold, groups, "validation", plots=False,
-                                          title=f"{cfg.model.backbone} validation", out_dir=out_dir / "eval")
+    val_grouped = tracking.log_evaluation(y_val, p_val, val_thresholds, groups, "validation", plots=False,
+                                          title=f"{cfg.model.backbone} validation", out_dir=out_dir / "eval",
+                                          policy=policy)
 
     meta = {
         "format_version": FORMAT_VERSION,
         "labels": ["ham", "spam"],
         "text": text_settings(cfg).to_dict(),
-        "threshold": threshold,
+        "threshold": threshold,  # the global one (policy["default"]), for readers of format 1 before "thresholds"
+        "thresholds": policy,
         "threshold_rule": cfg.eval.threshold_rule,
         "target_fpr": cfg.eval.target_fpr,
         "threshold_choice": choice,
@@ -673,12 +720,13 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     model_dir = write_model_dir(out_dir / MODEL_DIR, model, tokenizer, meta)
 
     # The test split scores the directory as written (what export and serving will load), not the
-    # in-memory model; its threshold came from validation only.
+    # in-memory model; its thresholds (per row, by language) came from validation only.
     test = evaluate_model_dir(model_dir, cfg, "test", log=False)
     rows = splits["test"]
-    test_grouped = tracking.log_evaluation(test.labels, test.p_spam, threshold,
+    test_grouped = tracking.log_evaluation(test.labels, test.p_spam, test.thresholds,
                                            {"source": list(rows["source"]), "lang": list(rows["lang"])},
-                                           "test", title=f"{cfg.model.backbone} test", out_dir=out_dir / "eval")
+                                           "test", title=f"{cfg.model.backbone} test", out_dir=out_dir / "eval",
+                                           policy=policy)
     meta["metrics"]["test"] = _overall(test_grouped)
     (model_dir / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
