@@ -41,9 +41,39 @@ def _strip_controls(text: str) -> str:
     return "".join(out)
 
 
+# Bumped whenever normalize() changes what it returns: prepared data normalised by an older version is
+# prepared again (training.data.PIPELINE_VERSION includes it).
+NORMALIZER_VERSION = 2
+
+# Cyrillic and Greek letters that look like Latin ones (after Unicode's confusables list). Spammers put
+# them inside English words ("Frее" with Cyrillic е) to dodge word filters; a word that mixes them with
+# ASCII letters is folded back to Latin. Words written wholly in Cyrillic or Greek are left alone.
+_CONFUSABLES = {
+    "а": "a", "с": "c", "е": "e", "і": "i", "ј": "j", "о": "o", "ο": "o", "р": "p", "ѕ": "s", "х": "x",
+    "у": "y", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ɡ": "g", "ν": "v", "α": "a", "ι": "i", "κ": "k", "τ": "t",
+    "Α": "A", "В": "B", "Β": "B", "С": "C", "Е": "E", "Ε": "E", "Н": "H", "Η": "H", "І": "I", "Ι": "I",
+    "Ј": "J", "К": "K", "Κ": "K", "М": "M", "Μ": "M", "Ν": "N", "О": "O", "Ο": "O", "Р": "P", "Ρ": "P",
+    "Ѕ": "S", "Т": "T", "Τ": "T", "Х": "X", "Χ": "X", "Υ": "Y", "Ү": "Y", "Ζ": "Z",
+}
+_CONFUSABLE_TABLE = str.maketrans(_CONFUSABLES)
+_CONFUSABLE_CHAR = re.compile("[" + "".join(_CONFUSABLES) + "]")
+_WORD = re.compile(r"[^\W\d_]+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+# Four or more single letters (Latin, CJK, Hangul, ...) separated by single spaces: "F R E E", "免 费 领 取".
+_SPACED_LETTERS = re.compile(r"(?<!\S)[^\W\d_](?: [^\W\d_]){3,}(?!\S)")
+
+
+def _fold_confusables(text: str) -> str:
+    if not _CONFUSABLE_CHAR.search(text):  # the common case costs one regex scan
+        return text
+    return _WORD.sub(lambda m: m.group().translate(_CONFUSABLE_TABLE)
+                     if _ASCII_LETTER.search(m.group()) else m.group(), text)
+
+
 def normalize(text: str, mask_digits: bool = False) -> str:
     """NFKC (full-width -> half-width), HTML entities decoded, zero-width/control characters removed,
-    whitespace collapsed, optionally every ASCII digit masked as 'x'. CJK characters are left intact
+    Cyrillic/Greek look-alikes inside Latin words folded to Latin, letter-by-letter spacing ("F R E E")
+    joined, whitespace collapsed, optionally every ASCII digit masked as 'x'. CJK characters are left intact
     (NFKC maps only compatibility forms such as half-width katakana to their standard form)."""
     text = unicodedata.normalize("NFKC", text)
     if "&" in text:
@@ -51,6 +81,8 @@ def normalize(text: str, mask_digits: bool = False) -> str:
     text = text.translate(_INVISIBLE)
     text = _strip_controls(text)
     text = _WS.sub(" ", text).strip()
+    text = _fold_confusables(text)
+    text = _SPACED_LETTERS.sub(lambda m: m.group().replace(" ", ""), text)
     if mask_digits:
         text = _DIGIT.sub("x", text)
     return text

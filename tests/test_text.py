@@ -21,7 +21,23 @@ def test_zero_width_and_controls_removed():
     assert normalize("f\u200br\u200ce\u200de\ufeff") == "free"
     assert normalize("soft\u00adhyphen") == "softhyphen"
     # a control character separates words rather than gluing them together
-    assert normalize("a\tb\x00c\r\nd") == "a b c d"
+    assert normalize("ab\tcd\x00ef\r\ngh") == "ab cd ef gh"
+
+
+def test_lookalike_letters_inside_latin_words_are_folded():
+    # Cyrillic е and о inside English words: the word reads as Latin to the tokenizer afterwards
+    assert normalize("Frее mоney") == "Free money"
+    # a word wholly in Cyrillic is a Cyrillic word, not an evasion
+    assert normalize("Привет мир") == "Привет мир"
+
+
+def test_letter_by_letter_spacing_is_joined():
+    assert normalize("call F R E E now") == "call FREE now"
+    assert normalize("免 费 领 取 大奖") == "免费领取 大奖"
+    assert normalize("무 료 쿠 폰") == "무료쿠폰"
+    # three single letters or words of several letters stay as they are
+    assert normalize("a b c") == "a b c"
+    assert normalize("I am a student") == "I am a student"
 
 
 def test_whitespace_collapsed_and_html_entities_decoded():

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from serving.text import language_tag, normalize
+from serving.text import NORMALIZER_VERSION, language_tag, normalize
 from training.config import (
     ROOT,
     Config,
@@ -58,8 +58,9 @@ from training.config import (
     to_dict,
 )
 
-# Bump when the pipeline's output for the same config changes, so `ensure_prepared` re-prepares.
-PIPELINE_VERSION = 1
+# Bump when the pipeline's output for the same config changes, so `ensure_prepared` re-prepares; a new
+# normaliser (serving.text.NORMALIZER_VERSION) changes every prepared text, so it counts too.
+PIPELINE_VERSION = f"1.n{NORMALIZER_VERSION}"
 SPLITS = ("train", "validation", "test")
 LABEL_NAMES = {0: "ham", 1: "spam"}
 CHANNELS = ("sms", "email", "other")
