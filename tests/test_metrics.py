@@ -202,3 +202,121 @@ def test_plots_are_valid_pngs(tmp_path, scores):
     one = P.pr_curve([1, 1, 0], [0.9, 0.8, 0.1], tmp_path / "pr.png", {"source": ["a", "a", "b"]})
     assert one.exists()
     assert P.f1_bars(M.grouped_metrics([0, 1], [0.2, 0.7], 0.5), tmp_path / "f1.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ per-language policy
+
+
+def _policy_data():
+    """Validation scores of five languages: en dominates (and sets the global threshold near 0.7); ko spam
+    scores low (its own threshold is lower, with enough ham to show a 1% FPR); zh likewise but with only
+    150 ham rows (lowering is held back); other scores high (its own threshold is higher); ja is rare."""
+    rng = np.random.default_rng(3)
+    parts = {  # lang: (ham scores, spam scores)
+        "en": (rng.uniform(0.0, 0.7, 3000), rng.uniform(0.5, 1.0, 1000)),
+        "ko": (rng.uniform(0.0, 0.3, 400), rng.uniform(0.2, 0.6, 200)),
+        "zh": (np.append(rng.uniform(0.0, 0.35, 149), 0.45), rng.uniform(0.3, 0.7, 100)),
+        "other": (rng.uniform(0.5, 0.9, 200), rng.uniform(0.85, 1.0, 50)),
+        "ja": (rng.uniform(0.0, 0.5, 30), rng.uniform(0.5, 1.0, 5)),
+    }
+    y, p, langs = [], [], []
+    for lang, (ham, spam) in parts.items():
+        y += [0] * len(ham) + [1] * len(spam)
+        p += list(ham) + list(spam)
+        langs += [lang] * (len(ham) + len(spam))
+    return np.array(y), np.round(np.array(p), 6), np.array(langs)
+
+
+def test_threshold_policy_per_language_with_fallbacks_and_the_lowering_guard():
+    y, p, langs = _policy_data()
+    pol = M.threshold_policy(y, p, langs, "max_recall_at_fpr", 0.01, min_ham=100, min_spam=20)
+    default = pol["default"]
+    assert default == pytest.approx(M.choose_threshold(y, p, "max_recall_at_fpr", 0.01))
+    assert pol["global"]["threshold"] == default and pol["rule"] == "max_recall_at_fpr"
+    assert pol["min_rows"] == {"ham": 100, "spam": 20, "ham_to_lower": 300}
+    assert set(pol["by_lang"]) == {"en", "ko", "zh", "other"}
+    by = pol["by_lang"]
+    L = pol["languages"]
+
+    def own(lang, target=0.01):
+        m = langs == lang
+        return M.choose_threshold(y[m], p[m], "max_recall_at_fpr", target)
+
+    # ko: enough ham (400 >= 300) to lower its threshold to its own choice, and it catches more spam
+    assert by["ko"] == pytest.approx(own("ko")) and by["ko"] < default
+    ko = langs == "ko"
+    assert M.binary_metrics(y[ko], p[ko], by["ko"])["recall"] > M.binary_metrics(y[ko], p[ko], default)["recall"]
+    assert L["ko"]["scope"] == "lang:ko" and L["ko"]["ham"] == 400 and L["ko"]["spam"] == 200
+    assert L["ko"]["val_fpr"] <= 0.01
+    # other: its own threshold is higher than the global one; raising is never held back (200 ham < 300)
+    assert by["other"] == pytest.approx(own("other")) and by["other"] > default
+    # zh: its own threshold (1 of 150 ham flagged) is below the global one with < 300 ham, so it is chosen
+    # again with no validation ham flagged at all: just above its highest ham (0.45)
+    assert by["zh"] == pytest.approx(own("zh", 0.0)) and own("zh") < by["zh"] < default
+    assert 0.45 < by["zh"] and L["zh"]["val_fpr"] == 0.0 and "lowered only as far as" in L["zh"]["reason"]
+    assert L["zh"]["own_threshold"] == pytest.approx(own("zh"))
+    # ja: too few rows -> the global threshold, with the reason and its counts
+    assert "ja" not in by
+    assert L["ja"]["scope"] == "global" and L["ja"]["threshold"] == default
+    assert (L["ja"]["ham"], L["ja"]["spam"]) == (30, 5)
+    assert "too few validation rows (30 ham, 5 spam" in L["ja"]["reason"]
+    # the policy is what serving applies, and it is plain JSON
+    import json
+
+    from serving import thresholds as TH
+
+    assert TH.validate(json.loads(json.dumps(pol)))["by_lang"] == by
+    labels, per_row, scopes = TH.apply(pol, p, langs)
+    assert scopes[int(np.flatnonzero(langs == "ja")[0])] == "global"
+    assert np.array_equal(labels, (p >= per_row).astype(int))
+    assert np.all(per_row[ko] == by["ko"])
+
+
+def test_threshold_policy_off_or_minimums_unmet_is_the_global_threshold():
+    y, p, langs = _policy_data()
+    off = M.threshold_policy(y, p, langs, per_language=False)
+    assert off["by_lang"] == {} and off["per_language"] is False
+    assert all(v["scope"] == "global" and "per_language_thresholds=false" in v["reason"] for v in off["languages"].values())
+    strict = M.threshold_policy(y, p, langs, min_ham=5000, min_spam=20)
+    assert strict["by_lang"] == {} and strict["default"] == off["default"]
+    with pytest.raises(ValueError, match="must be >= 0"):
+        M.threshold_policy(y, p, langs, min_ham=-1)
+
+
+def test_threshold_policy_not_met_keeps_only_a_higher_own_threshold():
+    # ko's top-scored row is ham: the rule (FPR 0) cannot be met on its rows
+    y = np.array([0] * 200 + [1] * 40 + [0] * 120 + [1] * 25)
+    p = np.concatenate([np.linspace(0.0, 0.6, 200), np.linspace(0.7, 1.0, 40),
+                        np.append(np.linspace(0.0, 0.2, 119), 0.99), np.linspace(0.5, 0.9, 25)])
+    langs = np.array(["en"] * 240 + ["ko"] * 145)
+    pol = M.threshold_policy(y, p, langs, "max_recall_at_fpr", 0.0, min_ham=100, min_spam=20)
+    ko = pol["languages"]["ko"]
+    # the global threshold sits above ko's 0.99 ham; ko's fallback (lowest-FPR) threshold is below it
+    assert "no threshold reaches FPR" in ko["reason"] and "global used" in ko["reason"]
+    assert ko["own_threshold"] < pol["default"] and "ko" not in pol["by_lang"] and ko["scope"] == "global"
+
+
+def test_grouped_metrics_with_per_row_thresholds():
+    y = np.array([1, 1, 0, 0])
+    p = np.array([0.6, 0.4, 0.5, 0.3])
+    langs = ["a", "b", "a", "b"]
+    single = M.grouped_metrics(y, p, 0.45, {"lang": langs})
+    assert single["overall"]["f1"] == pytest.approx(0.5) and single["lang=b"]["recall"] == 0.0
+    per_row = np.array([0.55, 0.35, 0.55, 0.35])  # a: 0.55, b: 0.35
+    g = M.grouped_metrics(y, p, per_row, {"lang": langs})
+    assert g["overall"]["f1"] == 1.0 and g["overall"]["fpr"] == 0.0
+    assert g["lang=b"]["recall"] == 1.0 and g["lang=a"]["fpr"] == 0.0
+    assert g["lang=a"]["threshold"] == 0.55 and math.isnan(g["overall"]["threshold"])
+    assert M.binary_metrics(y, p, np.full(4, 0.45))["threshold"] == 0.45
+    with pytest.raises(ValueError, match="3 per-row thresholds for 4 rows"):
+        M.grouped_metrics(y, p, per_row[:3])
+
+
+def test_plots_take_per_row_thresholds(tmp_path):
+    from training import plots as P
+
+    y = np.array([0, 1, 0, 1, 0, 1])
+    p = np.array([0.1, 0.9, 0.4, 0.6, 0.2, 0.7])
+    t = np.array([0.5, 0.5, 0.3, 0.3, 0.5, 0.5])
+    paths = P.evaluation_plots(y, p, t, {"lang": ["en", "en", "ko", "ko", "en", "en"]}, tmp_path, prefix="val")
+    assert all(x.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in paths)

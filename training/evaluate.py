@@ -6,8 +6,9 @@
 
 The thresholds are the model's policy in spamlingo.json (`thresholds`: global plus per-language ones, chosen
 on validation at training time; an older model's single `threshold` otherwise), applied per row by the
-row's language tag as serving does (serving/thresholds.py): the test split never picks them. Text goes through serving.text exactly as in serving (normalize with the model's
-mask_digits, Encoder with its TextSettings). Test-split results are logged into the model's own MLflow run
+row's language tag as serving does (serving/thresholds.py): the test split never picks them. Text goes
+through serving.text exactly as in serving (normalize with the model's mask_digits, Encoder with its
+TextSettings). Test-split results are logged into the model's own MLflow run
 (or a new `eval` run when the model has none in this store); `--data` results go to a new `eval` run
 linked to the model run, with metric names `data/<scope>/<metric>`.
 """

@@ -4,6 +4,8 @@ numpy + scikit-learn only, so training, evaluation, the baseline and the benchma
 
 Conventions
 - `p_spam` is the spam probability; a message is flagged spam iff `p_spam >= threshold` (as in serving).
+  `threshold` is a float or per-row thresholds (an array): per-language thresholds (`threshold_policy`,
+  applied by serving/thresholds.py) give each row the threshold of its language.
 - A ratio that is 0/0 is NaN, never a made-up 0 or 1: a group with no spam has no recall, a group with one
   class has no ROC AUC. Nothing here raises on such groups.
 - `grouped_metrics` keys are scopes: "overall", "source=<corpus>", "lang=<tag>". MLflow does not allow '='
@@ -145,17 +147,139 @@ def choose_threshold(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     return threshold_choice(y_true, p_spam, rule, target_fpr)["threshold"]
 
 
+# Rule of three: with n ham rows and no false positive among them, the 95% upper bound on the FPR is about
+# 3/n. A language with fewer than 3/target_fpr validation ham rows cannot show that its FPR is under the
+# target, so its threshold may go below the global one only as far as it flags none of its validation ham.
+LOWER_HAM_FACTOR = 3.0
+
+
+def _clean(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall_at_fpr",
+                     target_fpr: float = 0.01, min_ham: int = 100, min_spam: int = 20, *,
+                     per_language: bool = True) -> dict:
+    """The threshold policy (serving/thresholds.py) chosen on validation scores.
+
+    - `default`: `threshold_choice` on every validation row (the global threshold, as without languages).
+    - `by_lang[lang]`: for each language tag with at least `min_ham` ham and `min_spam` spam validation
+      rows (at least 1 of each), the same rule on that language's rows only. Guards:
+      * the rule not met on the language's rows (`met=False`): its own threshold is kept only when it is
+        higher than the global one (fewer false alarms), else the language falls back to the global one;
+      * lowering: when its own threshold is below the global one and the language has fewer than
+        `ceil(LOWER_HAM_FACTOR / target_fpr)` validation ham rows (300 at 1%: too few to show a 1% FPR),
+        the threshold is chosen again with target FPR 0 on its rows (it flags none of its validation ham)
+        and used only while still below the global one; otherwise the language falls back to the global
+        threshold. Raising a threshold above the global one is never held back (it only removes alarms).
+    - Languages below the minimum (or all, with `per_language=False`) use the global threshold.
+    `languages[lang]` records every language of the validation split: ham and spam counts, `scope`
+    ("lang:<tag>" or "global"), the threshold it gets, `reason`, and validation precision/recall/FPR of
+    that language at that threshold. `global` is the global `threshold_choice`. NaN is written as None.
+    """
+    from serving.thresholds import GLOBAL, lang_scope
+
+    if min_ham < 0 or min_spam < 0:
+        raise ValueError(f"min_ham and min_spam must be >= 0, got {min_ham} and {min_spam}")
+    y, p = _arrays(y_val, p_val)
+    lang_arr = np.asarray([str(x) for x in langs], dtype=object)
+    if lang_arr.size != y.size:
+        raise ValueError(f"langs has {lang_arr.size} values for {y.size} rows")
+    choice = threshold_choice(y, p, rule, target_fpr)
+    default = choice["threshold"]
+    ham_to_lower = math.inf if target_fpr <= 0 else math.ceil(LOWER_HAM_FACTOR / target_fpr - 1e-9)
+    need_ham, need_spam = max(1, int(min_ham)), max(1, int(min_spam))
+    by_lang: dict[str, float] = {}
+    languages: dict[str, dict] = {}
+    for lang in sorted(set(lang_arr.tolist())):
+        mask = lang_arr == lang
+        yl, pl = y[mask], p[mask]
+        spam = int(yl.sum())
+        ham = int(yl.size - spam)
+        threshold, reason, own, mine_used = default, "", None, False
+        if not per_language:
+            reason = "per-language thresholds are off (eval.per_language_thresholds=false)"
+        elif ham < need_ham or spam < need_spam:
+            reason = (f"too few validation rows ({ham} ham, {spam} spam; a threshold of its own needs "
+                      f">= {need_ham} ham and >= {need_spam} spam)")
+        else:
+            with warnings.catch_warnings():  # a note per language goes into `reason`, not a warning each
+                warnings.simplefilter("ignore", ThresholdWarning)
+                mine = threshold_choice(yl, pl, rule, target_fpr)
+                own = mine["threshold"]
+                if not mine["met"]:
+                    if own > default:
+                        threshold, mine_used = own, True
+                        reason = f"{mine['note']}; kept as it is above the global threshold"
+                    else:
+                        reason = f"{mine['note']}; not below the global threshold: global used"
+                elif own >= default or ham >= ham_to_lower:
+                    threshold, mine_used, reason = own, True, f"{rule} on its own validation rows"
+                else:
+                    strict = threshold_choice(yl, pl, "max_recall_at_fpr", 0.0)
+                    if strict["met"] and strict["threshold"] < default:
+                        threshold, mine_used = strict["threshold"], True
+                        reason = (f"{rule} on its own rows gave {own:.6g}, below the global threshold with only "
+                                  f"{ham} ham rows (< {ham_to_lower}): lowered only as far as no validation "
+                                  "ham of it is flagged")
+                    else:
+                        reason = (f"{rule} on its own rows gave {own:.6g}, below the global threshold with only "
+                                  f"{ham} ham rows (< {ham_to_lower}), and no lower threshold flags none of its "
+                                  "validation ham: global used")
+        scope = GLOBAL
+        if mine_used:
+            by_lang[lang] = float(threshold)
+            scope = lang_scope(lang)
+        m = binary_metrics(yl, pl, threshold)
+        languages[lang] = {"ham": ham, "spam": spam, "scope": scope, "threshold": float(threshold),
+                           "own_threshold": _clean(own), "reason": reason,
+                           "val_precision": _clean(m["precision"]), "val_recall": _clean(m["recall"]),
+                           "val_fpr": _clean(m["fpr"])}
+    return {
+        "default": float(default),
+        "by_lang": by_lang,
+        "rule": rule,
+        "target_fpr": float(target_fpr),
+        "min_rows": {"ham": int(min_ham), "spam": int(min_spam),
+                     "ham_to_lower": None if math.isinf(ham_to_lower) else int(ham_to_lower)},
+        "per_language": bool(per_language),
+        "languages": languages,
+        "global": {k: _clean(v) for k, v in choice.items()},
+    }
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def binary_metrics(y_true, p_spam, threshold: float) -> dict:
-    """Metrics of one group at `threshold`.
+def _row_thresholds(threshold, n: int) -> float | np.ndarray:
+    """A float threshold as is, or per-row thresholds (one per row, e.g. serving.thresholds.thresholds_for)."""
+    if np.ndim(threshold) == 0:
+        return float(threshold)
+    t = np.asarray(threshold, dtype=np.float64).ravel()
+    if t.size != n:
+        raise ValueError(f"{t.size} per-row thresholds for {n} rows")
+    if not np.isfinite(t).all():
+        raise ValueError("thresholds contain NaN or infinite values")
+    return t
+
+
+def threshold_value(threshold) -> float:
+    """The one threshold of a float or of per-row thresholds that are all equal; NaN when they differ."""
+    t = np.asarray(threshold, dtype=np.float64).ravel()
+    return float(t[0]) if t.size and (t == t[0]).all() else math.nan
+
+
+def binary_metrics(y_true, p_spam, threshold) -> dict:
+    """Metrics of one group at `threshold`: a float, or an array of per-row thresholds (each row flagged
+    iff its p_spam >= its threshold, as with per-language thresholds).
 
     Returns {"support", "positives", "negatives", "tp", "fp", "tn", "fn", "threshold", "precision",
     "recall", "f1", "fpr", "accuracy", "roc_auc", "pr_auc" (average precision), "recall_at_fpr_1pct",
-    "recall_at_fpr_0.1pct"}; counts are ints, the rest floats, NaN where undefined.
+    "recall_at_fpr_0.1pct"}; counts are ints, the rest floats, NaN where undefined ("threshold" is NaN
+    when the per-row thresholds differ).
     """
     y, p = _arrays(y_true, p_spam)
+    threshold = _row_thresholds(threshold, y.size)
     pred = p >= threshold
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
@@ -171,7 +295,7 @@ def binary_metrics(y_true, p_spam, threshold: float) -> dict:
         "fp": fp,
         "tn": tn,
         "fn": fn,
-        "threshold": float(threshold),
+        "threshold": threshold_value(threshold),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, pos),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
@@ -184,14 +308,17 @@ def binary_metrics(y_true, p_spam, threshold: float) -> dict:
     }
 
 
-def grouped_metrics(y_true, p_spam, threshold: float, groups: Mapping[str, Sequence] | None = None) -> dict:
+def grouped_metrics(y_true, p_spam, threshold, groups: Mapping[str, Sequence] | None = None) -> dict:
     """`binary_metrics` overall and for every value of every grouping.
 
+    threshold: a float, or per-row thresholds (an array as long as y): every scope then counts each row
+    at the threshold that row got (per-language thresholds give per-source metrics too).
     groups: {"source": per-row corpus names, "lang": per-row language tags, ...} (each as long as y).
     Returns {"overall": {...}, "source=enron": {...}, "source=uci_sms": {...}, "lang=en": {...}, ...}
     with groupings in the given order and values sorted.
     """
     y, p = _arrays(y_true, p_spam)
+    threshold = _row_thresholds(threshold, y.size)
     out = {"overall": binary_metrics(y, p, threshold)}
     for name, values in (groups or {}).items():
         v = np.asarray(values, dtype=object).ravel()
@@ -199,7 +326,8 @@ def grouped_metrics(y_true, p_spam, threshold: float, groups: Mapping[str, Seque
             raise ValueError(f"group '{name}' has {v.size} values for {y.size} rows")
         for value in sorted({str(x) for x in v}):
             mask = np.array([str(x) == value for x in v], dtype=bool)
-            out[f"{name}={value}"] = binary_metrics(y[mask], p[mask], threshold)
+            t = threshold[mask] if isinstance(threshold, np.ndarray) else threshold
+            out[f"{name}={value}"] = binary_metrics(y[mask], p[mask], t)
     return out
 
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
-from training.metrics import binary_metrics, grouped_metrics  # noqa: E402
+from training.metrics import binary_metrics, grouped_metrics, threshold_value  # noqa: E402
 
 DPI = 110
 
@@ -78,8 +78,14 @@ def roc_plot(y_true, p_spam, path, groups: Mapping[str, Sequence] | None = None,
     return _save(fig, path)
 
 
-def confusion_plot(y_true, p_spam, threshold: float, path, title: str = "") -> Path:
-    """2x2 confusion matrix at `threshold`, counts and row percentages."""
+def _threshold_text(threshold) -> str:
+    """"threshold 0.73", or "per-language thresholds" for per-row thresholds that differ."""
+    one = threshold_value(threshold)
+    return "per-language thresholds" if math.isnan(one) else f"threshold {one:.3g}"
+
+
+def confusion_plot(y_true, p_spam, threshold, path, title: str = "") -> Path:
+    """2x2 confusion matrix at `threshold` (a float or per-row thresholds), counts and row percentages."""
     m = binary_metrics(y_true, p_spam, threshold)
     cells = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
     rows = cells.sum(axis=1, keepdims=True)
@@ -91,7 +97,7 @@ def confusion_plot(y_true, p_spam, threshold: float, path, title: str = "") -> P
                 color="white" if rows[r, 0] and share > 0.6 else "black")
     ax.set_xticks([0, 1], ["ham", "spam"])
     ax.set_yticks([0, 1], ["ham", "spam"])
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion at threshold {threshold:.3g} {title}".strip())
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion at {_threshold_text(threshold)} {title}".strip())
     return _save(fig, path)
 
 
@@ -117,15 +123,19 @@ def f1_bars(grouped: Mapping[str, Mapping], path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def score_histogram(y_true, p_spam, threshold: float, path, title: str = "") -> Path:
-    """Spam-probability histograms of ham and spam rows (log count axis) with the threshold marked."""
+def score_histogram(y_true, p_spam, threshold, path, title: str = "") -> Path:
+    """Spam-probability histograms of ham and spam rows (log count axis) with the threshold marked (each
+    distinct one, for per-row thresholds)."""
     y, p = np.asarray(y_true).astype(int), np.asarray(p_spam, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 51)
     for label, name, color in ((0, "ham", "tab:green"), (1, "spam", "tab:red")):
         if (y == label).any():
             ax.hist(p[y == label], bins=bins, alpha=0.55, color=color, label=f"{name} (n={(y == label).sum()})")
-    ax.axvline(threshold, color="black", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
+    distinct = np.unique(np.asarray(threshold, dtype=float).ravel())
+    for i, t in enumerate(distinct):
+        label = f"threshold {t:.3g}" if distinct.size == 1 else ("thresholds (per language)" if i == 0 else None)
+        ax.axvline(t, color="black", ls="--", lw=1.2, label=label)
     ax.set_yscale("log")
     ax.set(xlabel="spam probability", ylabel="rows (log)", title=f"Scores by label {title}".strip())
     ax.legend(fontsize=8)
@@ -135,7 +145,7 @@ def score_histogram(y_true, p_spam, threshold: float, path, title: str = "") -> 
 def evaluation_plots(
     y_true,
     p_spam,
-    threshold: float,
+    threshold,
     groups: Mapping[str, Sequence] | None,
     out_dir: str | Path,
     prefix: str = "test",

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -295,7 +296,7 @@ def tag_data(data_dir: str | Path) -> str | None:
 def log_evaluation(
     y_true: Sequence[int],
     p_spam: Sequence[float],
-    threshold: float,
+    threshold: float | Sequence[float],
     groups: Mapping[str, Sequence] | None = None,
     split: str = "test",
     *,
@@ -304,10 +305,15 @@ def log_evaluation(
     plots: bool = True,
     extra_text: str = "",
     table_file: str | None = None,
+    policy: Mapping | None = None,
 ) -> dict:
     """Score one split and log it to the active run.
 
-    Logs metrics `<split>/<scope>/<metric>` (metrics.to_mlflow_metrics) and `threshold`, the markdown
+    `threshold` is a float or per-row thresholds (an array, e.g. per-language ones from `policy`, the
+    serving.thresholds policy they came from): every scope counts each row at the threshold it got.
+    Logs metrics `<split>/<scope>/<metric>` (metrics.to_mlflow_metrics) and `threshold` (the global
+    one: `policy["default"]`, else the single threshold), with a policy also `threshold/lang.<tag>` for
+    each language with a threshold of its own; the markdown
     table as `table_file` (default `metrics.md` for split "test", else `metrics_<split>.md`), and with `plots` the PNGs of
     plots.evaluation_plots under `plots/`. Files are also kept in `out_dir` when given.
     Returns the grouped metrics (metrics.grouped_metrics).
@@ -319,12 +325,24 @@ def log_evaluation(
     split = "val" if split == "validation" else split
     grouped = M.grouped_metrics(y_true, p_spam, threshold, groups)
     mlflow.log_metrics(M.to_mlflow_metrics(grouped, split))
-    mlflow.log_metric("threshold", float(threshold))
+    single = float(policy["default"]) if policy is not None else M.threshold_value(threshold)
+    if not math.isnan(single):
+        mlflow.log_metric("threshold", single)
+    if policy is not None and policy.get("by_lang"):
+        from serving.thresholds import describe
+
+        mlflow.log_metrics({f"threshold/{M.mlflow_scope('lang=' + k)}": float(v)
+                            for k, v in policy["by_lang"].items()})
+        shown = f"thresholds {describe(policy)} (spam iff p_spam >= the threshold of the text's language)"
+    elif math.isnan(M.threshold_value(threshold)):
+        shown = "per-row thresholds (spam iff p_spam >= the row's threshold)"
+    else:
+        shown = f"threshold {M.threshold_value(threshold):.6g} (spam iff p_spam >= threshold)"
     with contextlib.ExitStack() as stack:
         base = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         base.mkdir(parents=True, exist_ok=True)
         md = base / (table_file or ("metrics.md" if split == "test" else f"metrics_{split}.md"))
-        header = f"# {title or 'Evaluation'}: {split}\n\nthreshold {threshold:.6g} (spam iff p_spam >= threshold)\n\n"
+        header = f"# {title or 'Evaluation'}: {split}\n\n{shown}\n\n"
         md.write_text(header + (extra_text + "\n\n" if extra_text else "") + M.metrics_table(grouped),
                       encoding="utf-8")
         mlflow.log_artifact(str(md))
