@@ -59,6 +59,7 @@ _CONFUSABLE_TABLE = str.maketrans(_CONFUSABLES)
 _CONFUSABLE_CHAR = re.compile("[" + "".join(_CONFUSABLES) + "]")
 _WORD = re.compile(r"[^\W\d_]+")
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
+_CYRILLIC_GREEK = re.compile(r"[\u0370-\u03ff\u0400-\u052f]")
 # Four or more single letters (Latin, CJK, Hangul, ...) separated by single spaces: "F R E E", "免 费 领 取".
 _SPACED_LETTERS = re.compile(r"(?<!\S)[^\W\d_](?: [^\W\d_]){3,}(?!\S)")
 
@@ -66,6 +67,9 @@ _SPACED_LETTERS = re.compile(r"(?<!\S)[^\W\d_](?: [^\W\d_]){3,}(?!\S)")
 def _fold_confusables(text: str) -> str:
     if not _CONFUSABLE_CHAR.search(text):  # the common case costs one regex scan
         return text
+    if not any(c not in _CONFUSABLES for c in _CYRILLIC_GREEK.findall(text)):
+        # every Cyrillic/Greek letter is a look-alike: no real Cyrillic or Greek word here to protect
+        return text.translate(_CONFUSABLE_TABLE)
     return _WORD.sub(lambda m: m.group().translate(_CONFUSABLE_TABLE)
                      if _ASCII_LETTER.search(m.group()) else m.group(), text)
 
