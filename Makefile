@@ -15,7 +15,7 @@ TEXT ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train eval baseline export register serve predict compare bench mlflow-ui test test-all clean
+.PHONY: help setup data train eval baseline export register serve predict compare bench ood mlflow-ui test test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ compare: $(STAMP) ## table + chart of MLflow runs side by side (ARGS="--experime
 
 bench: $(STAMP) ## quality, speed and size benchmarks -> bench/results/*.json and BENCHMARKS.md
 	$(PY) -m bench.run --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
+
+ood: $(STAMP) ## out-of-distribution benchmark of RUN (default: newest run) vs the baseline -> bench/results/ood.json
+	$(PY) -m bench.run --only ood --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
 
 mlflow-ui: $(STAMP) ## browse the MLflow store at http://127.0.0.1:5000
 	$(PY) -m training.tracking ui --config $(CONFIG)

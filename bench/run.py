@@ -37,7 +37,10 @@ FIGURES = {  # name -> module; also the order of BENCHMARKS.md
     "speed_server": "bench.server_load",
     "speed_training": "bench.training_speed",
     "size": "bench.size",
+    "ood": "bench.ood",
 }
+# A plain `make bench` measures these; `ood` trains its folds' models, so it runs on its own (`make ood`).
+DEFAULT_FIGURES = [f for f in FIGURES if f != "ood"]
 GROUPS = {"speed": ["speed_engines", "speed_server", "speed_training"]}
 RESULTS = "bench/results"
 MARKDOWN = "BENCHMARKS.md"
@@ -52,7 +55,7 @@ def module(figure: str):
 
 def select(only: str) -> list[str]:
     if not only:
-        return list(FIGURES)
+        return list(DEFAULT_FIGURES)
     out: list[str] = []
     for item in (x.strip() for x in only.split(",") if x.strip()):
         names = GROUPS.get(item) or ([item] if item in FIGURES else None)
@@ -78,6 +81,9 @@ def reproduce_command(figure: str, args: argparse.Namespace, run_ref: str | None
         parts.append(f"--run {shlex.quote(run_ref)}")
     if bundle:
         parts.append(f"--bundle {shlex.quote(bundle)}")
+    for opt in getattr(module(figure), "OPTIONS", ()):
+        if getattr(args, opt):
+            parts.append(f"--{opt} {shlex.quote(getattr(args, opt))}")
     parts.append(f"--threads {args.threads}")
     if args.quick:
         parts.append("--quick")
@@ -92,7 +98,8 @@ def run_figure(figure: str, args: argparse.Namespace) -> Path:
                          need_bundle="bundle" in mod.NEEDS)
     load_before = env.load_average()
     t0 = time.perf_counter()
-    result = mod.measure(inputs, quick=args.quick, threads=args.threads, seed=args.seed)
+    options = {k: getattr(args, k) for k in getattr(mod, "OPTIONS", ())}
+    result = mod.measure(inputs, quick=args.quick, threads=args.threads, seed=args.seed, **options)
     record = {
         "figure": figure,
         "title": mod.TITLE,
@@ -109,6 +116,8 @@ def run_figure(figure: str, args: argparse.Namespace) -> Path:
         "inputs": inputs.describe(),
         "result": result,
     }
+    for key in getattr(mod, "TOP_LEVEL", ()):  # keys a figure's readers expect at the top of its file
+        record[key] = result.pop(key)
     out_dir = _path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"{figure}.json.tmp"
@@ -151,7 +160,8 @@ def run_all(figures: list[str], args: argparse.Namespace) -> int:
     inputs = preflight(figures, args)
     results = _path(args.results)
     base = [sys.executable, "-m", "bench.run", "--config", args.config, "--threads", str(args.threads),
-            "--results", str(results), "--seed", str(args.seed)]
+            "--results", str(results), "--seed", str(args.seed), "--protocols", args.protocols,
+            "--folds", args.folds]
     if inputs.run_ref:
         base += ["--run", inputs.run_ref]
     if inputs.bundle_dir:
@@ -234,7 +244,9 @@ def render_markdown(records: list[dict], results_dir: str = RESULTS) -> str:
             out.append("**--quick run: small samples, for checking the plumbing only; do not quote these numbers.**")
         out += ["", f"Reproduce: `{r.get('command', '?')}`", ""]
         try:
-            out.append(module(figure).render(r["result"]) if figure in FIGURES else
+            result = {**r["result"], **{k: r[k] for k in getattr(module(figure), "TOP_LEVEL", ()) if k in r}} \
+                if figure in FIGURES else r.get("result")
+            out.append(module(figure).render(result) if figure in FIGURES else
                        "```json\n" + json.dumps(r.get("result"), indent=2) + "\n```")
         except (KeyError, TypeError, ValueError) as e:  # a result written by an older bench version
             out.append(f"(cannot render this result: {type(e).__name__}: {e}; rerun the command above)")
@@ -268,6 +280,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--markdown", default=MARKDOWN, help="the generated report (default: %(default)s)")
     p.add_argument("--no-markdown", action="store_true", help="measure only; leave the report as it is")
     p.add_argument("--render-only", action="store_true", help="rebuild the report from the JSON results only")
+    p.add_argument("--protocols", default="", help="ood: comma-separated protocols (default: all: "
+                   "unseen_ham, eval_sets, evasion, loco)")
+    p.add_argument("--folds", default="", help="ood: comma-separated leave-one-corpus-out folds (default: all)")
     p.add_argument("--figure", choices=list(FIGURES), help=argparse.SUPPRESS)  # one figure, in this process
     args = p.parse_args(argv)
     if args.threads < 1:

@@ -114,9 +114,13 @@ def _step(msg: str, t0: float) -> None:
 
 
 def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir: str | Path | None = None,
-                 config_path: str | None = None) -> BaselineResult:
-    """Fit on train, choose the threshold on validation, score test; log one MLflow run of kind
-    `baseline` and return its results."""
+                 config_path: str | None = None, capped: bool = False) -> BaselineResult:
+    """Fit on train, choose the threshold policy on validation (global + per language, the same rule as
+    the transformer's), score test; log one MLflow run of kind `baseline` and return its results.
+
+    `train.exclude_sources` always applies (a leave-one-corpus-out fold); `capped` also applies the
+    transformer's training-row caps (`train.max_rows_per_source`, `train.max_train_rows`), so that a fold
+    compares the two models on the same rows. By default the baseline reads every training row."""
     import mlflow
 
     from training import metrics as M
@@ -130,8 +134,12 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
                           f"got {cfg.eval.threshold_rule!r}")
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
-    splits = load_splits(cfg)
+    from training.train import cap_training_rows, exclude_sources
+
+    splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
     train, val, test = splits["train"], splits["validation"], splits["test"]
+    if capped:
+        train = cap_training_rows(train, cfg.train.max_rows_per_source, cfg.train.max_train_rows, cfg.train.seed)
     out = Path(out_dir) if out_dir else resolve_path(cfg.train.output_dir) / "baseline"
     _step(f"data {data_dir}: {len(train)} train / {len(val)} validation / {len(test)} test rows", t0)
 
@@ -148,24 +156,33 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
         _step(f"fitted TF-IDF ({n_features:,} n-grams) + logistic regression in {fit_seconds:.1f}s", t0)
 
         p_val = pipe.predict_proba(list(val["text"]))[:, 1]
-        choice = M.threshold_choice(val["label"], p_val, cfg.eval.threshold_rule, cfg.eval.target_fpr)
-        threshold = choice["threshold"]
+        e = cfg.eval
+        policy = M.threshold_policy(val["label"], p_val, list(val["lang"]), e.threshold_rule, e.target_fpr,
+                                    e.threshold_min_ham, e.threshold_min_spam, per_language=e.per_language_thresholds)
+        choice = policy["global"]
+        threshold = policy["default"]
         if choice["note"]:
             print(f"warning: {choice['note']}")
             mlflow.set_tag("spamlingo.threshold_note", choice["note"])
         _step(f"threshold {threshold:.4f} ({choice['rule']}, target FPR {choice['target_fpr']:g}): validation "
               f"recall {choice['val_recall']:.4f} at FPR {choice['val_fpr']:.4f}", t0)
-        val_grouped = tracking.log_evaluation(val["label"], p_val, threshold,
+        from serving.thresholds import describe, thresholds_for
+
+        _step(f"thresholds: {describe(policy)}", t0)
+        val_thr = thresholds_for(policy, list(val["lang"]))[0]
+        val_grouped = tracking.log_evaluation(val["label"], p_val, val_thr,
                                               {"source": val["source"], "lang": val["lang"]}, "val",
                                               title="baseline", plots=False)
         p_test = pipe.predict_proba(list(test["text"]))[:, 1]
         test_grouped = tracking.log_evaluation(
-            test["label"], p_test, threshold, {"source": test["source"], "lang": test["lang"]}, "test",
+            test["label"], p_test, thresholds_for(policy, list(test["lang"]))[0],
+            {"source": test["source"], "lang": test["lang"]}, "test",
             title="baseline", extra_text=f"TF-IDF char_wb {settings.ngram_min}-{settings.ngram_max} "
                                          f"({n_features:,} n-grams) + logistic regression; threshold rule "
                                          f"{choice['rule']} (target FPR {choice['target_fpr']:g}) on validation")
         info = {"kind": "baseline", "settings": asdict(settings), "mask_digits": cfg.data.mask_digits,
-                "threshold": threshold, "threshold_rule": choice["rule"], "target_fpr": choice["target_fpr"],
+                "threshold": threshold, "thresholds": policy, "threshold_rule": choice["rule"],
+                "target_fpr": choice["target_fpr"],
                 "mlflow_run_id": run.info.run_id, "data_dir": str(data_dir),
                 "data_hash": tracking.data_hash_of(data_dir),
                 "metrics": {k: v for k, v in M.to_mlflow_metrics(test_grouped, "test", counts=False).items()

@@ -72,6 +72,23 @@ class ModelConfig:
     truncation: str = "head"  # head | head_tail (the same in training, evaluation, export and serving)
     head_tokens: int = 0  # head_tail: tokens kept from the start (0 = two thirds of max_length)
     trim_vocab: bool = True
+    # trim_vocab also keeps the best-scored multi-character pieces of each served script, whatever the
+    # corpora use, so unseen text keeps its pretraining segmentation (training/backbone.py
+    # `_script_ids`): how many per script, -1 = all of them, 0 = none (the corpora's pieces only).
+    # han/kana/hangul -1: every CJK piece (12.5k beyond the default corpora's, ~4.8 MB int8) keeps every
+    # zh/ja/ko reference message's segmentation; latin 0: XLM-R's Latin pieces ranked by score are mostly
+    # other languages' (20k of them change no English reference message); symbols: "!!", "://", "。」"...
+    trim_keep_han: int = -1  # CJK ideographs only (9,414 pieces in XLM-R)
+    trim_keep_kana: int = -1  # containing hiragana/katakana, with or without ideographs (3,247)
+    trim_keep_hangul: int = -1  # Hangul only (3,269)
+    trim_keep_latin: int = 0  # Latin letters only (108,120)
+    trim_keep_symbols: int = -1  # punctuation and symbols only (320)
+    # keep the lower/Capitalised/UPPER forms of every kept Latin piece ("▁Heavy" of "▁heavy", "▁FREE"):
+    # sentence starts and spam's capitals (+3.1k pieces, ~1.2 MB int8, on the default corpora)
+    trim_keep_case_variants: bool = True
+    # extra reference texts (JSONL/CSV/TSV with a `text` column) whose share of messages segmented
+    # differently after trimming is reported per language; measured only, never used to keep pieces
+    trim_report_files: list[str] = field(default_factory=list)
     num_layers: int = 0  # keep only the lower N encoder layers (0 = all)
     freeze_embeddings: bool = True
     freeze_layers: int = 0  # freeze the lower N encoder layers
@@ -116,6 +133,7 @@ class TrainConfig:
     # sources whose rows are left out of training and validation (the leave-one-corpus-out folds of the
     # out-of-distribution benchmark); the test split is untouched
     exclude_sources: list[str] = field(default_factory=list)
+    evaluate_test: bool = True  # score the test split after training (the OOD folds score their own rows)
 
 
 @dataclass
@@ -142,6 +160,31 @@ class ExportConfig:
 
 
 @dataclass
+class FoldConfig:
+    """One leave-one-corpus-out fold of the out-of-distribution benchmark."""
+
+    exclude: list[str] = field(default_factory=list)  # sources left out of training and validation
+    test_sources: list[str] = field(default_factory=list)  # held-out sources scored (default: exclude)
+    test_files: list[str] = field(default_factory=list)  # labelled files scored instead of / as well
+
+
+@dataclass
+class OodConfig:
+    """The out-of-distribution benchmark (training/ood.py, `make ood`). Files are labelled CSV/JSONL."""
+
+    unseen_ham: list[str] = field(default_factory=list)  # ham from sources outside the training mix
+    eval_sets: list[str] = field(default_factory=list)  # labelled sets never used for training/thresholds
+    hard_negatives: list[str] = field(default_factory=list)  # legitimate messages that look like spam
+    evasion_spam_rows: int = 400  # test-split spam rows perturbed (sampled by seed, stratified by source)
+    evasion_ham_rows: int = 1000  # clean test-split ham rows scored beside them
+    perturbations: list[str] = field(default_factory=list)  # training/evasion.py names ([] = all)
+    folds: dict[str, FoldConfig] = field(default_factory=dict)
+    fold_overrides: list[str] = field(default_factory=list)  # the smaller training budget of every fold
+    fold_max_test_rows: int = 2000  # held-out rows scored per fold (stratified by label)
+    seed: int = 13
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "spamlingo"
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else the embedded store in ./mlruns
@@ -157,6 +200,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
 
 
 # ---------------------------------------------------------------- building typed values from plain data
@@ -287,6 +331,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not key:
             raise ConfigError(f"override '{item}' has no key")
         _set_path(tree, key, _parse_scalar(raw))
+    return _build(Config, tree)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of `cfg` with `key=value` overrides applied, checked like the command line's."""
+    tree = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        _set_path(tree, key.strip().removeprefix("--"), _parse_scalar(raw))
     return _build(Config, tree)
 
 

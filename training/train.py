@@ -721,13 +721,14 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
 
     # The test split scores the directory as written (what export and serving will load), not the
     # in-memory model; its thresholds (per row, by language) came from validation only.
-    test = evaluate_model_dir(model_dir, cfg, "test", log=False)
-    rows = splits["test"]
-    test_grouped = tracking.log_evaluation(test.labels, test.p_spam, test.thresholds,
-                                           {"source": list(rows["source"]), "lang": list(rows["lang"])},
-                                           "test", title=f"{cfg.model.backbone} test", out_dir=out_dir / "eval",
-                                           policy=policy)
-    meta["metrics"]["test"] = _overall(test_grouped)
+    if cfg.train.evaluate_test:
+        test = evaluate_model_dir(model_dir, cfg, "test", log=False)
+        rows = splits["test"]
+        test_grouped = tracking.log_evaluation(test.labels, test.p_spam, test.thresholds,
+                                               {"source": list(rows["source"]), "lang": list(rows["lang"])},
+                                               "test", title=f"{cfg.model.backbone} test",
+                                               out_dir=out_dir / "eval", policy=policy)
+        meta["metrics"]["test"] = _overall(test_grouped)
     (model_dir / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
     size_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20

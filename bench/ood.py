@@ -1,0 +1,46 @@
+"""Figure ood: the out-of-distribution benchmark (training/ood.py) of a run and its TF-IDF baseline.
+
+Not part of a plain `make bench` (its leave-one-corpus-out folds train models): `make ood` runs it, and
+`make bench ARGS="--only ood"` is the same. The protocols and folds come from the config's `ood:` section;
+`--protocols` / `--folds` pick a subset. The model is scored through the run's newest bundle when it has
+one (int8, what is served), else through the PyTorch model directory.
+"""
+
+from __future__ import annotations
+
+from bench.inputs import BenchError, Inputs, resolve_bundle, run_config
+
+TITLE = "Out-of-distribution quality: the model vs the TF-IDF baseline on traffic neither trained on"
+NEEDS = ("model",)
+OPTIONS = ("protocols", "folds")
+TOP_LEVEL = ("protocols",)  # ood.json: protocols[].name, protocols[].scopes[]... at the top of the file
+
+
+def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, protocols: str = "",
+            folds: str = "") -> dict:
+    from training import ood
+
+    cfg, source = run_config(inputs)  # the run's own config: its ood section, data and recipe
+    names = [p for p in (protocols or ",".join(ood.PROTOCOLS)).split(",") if p]
+    if quick:
+        cfg.ood.evasion_spam_rows, cfg.ood.evasion_ham_rows = 40, 80
+        if not protocols:
+            names = [p for p in names if p != "loco"]  # --quick trains nothing
+    try:
+        bundle_dir, _ = resolve_bundle(None, inputs.cfg, inputs.model_dir, inputs.meta)
+    except BenchError:
+        bundle_dir = None
+    try:
+        result = ood.run(cfg, inputs.model_dir, bundle_dir, names, threads,
+                         folds=[f for f in folds.split(",") if f])
+    except ood.OodError as e:
+        raise BenchError(str(e)) from None
+    result["config"] = source
+    ood.log_to_mlflow(cfg, inputs.run_id, result)
+    return result
+
+
+def render(result: dict) -> str:
+    from training import ood
+
+    return ood.render(result)

@@ -1,0 +1,512 @@
+"""The out-of-distribution benchmark: how the model does on traffic it never saw, beside the TF-IDF baseline.
+
+    python -m bench.run --only ood [--run <run>] [--bundle <dir>]        # make ood: every protocol
+    make ood ARGS="--protocols unseen_ham,evasion"                       # a subset (the folds train models)
+
+Protocols (configured in the config's `ood:` section):
+- `unseen_ham`: ham from sources outside the training mix (`ood.unseen_ham`), FPR per language (and per
+  Chinese script) at the shipped thresholds. Nothing else to score: every row is ham.
+- `eval_sets`: labelled sets written apart from the training data and never used for training or for the
+  threshold (`ood.eval_sets`), per language.
+- `evasion`: test-split spam perturbed by code (training/evasion.py), each perturbation scored beside the
+  same clean test ham: recall drop against the same spam unperturbed; plus the hard-negative ham
+  (`ood.hard_negatives`), FPR per language.
+- `loco`: leave-one-corpus-out folds (`ood.folds`): for each, the config's recipe trains on the mix without
+  the fold's sources (with the smaller budget `ood.fold_overrides`), and so does the baseline, on the same
+  rows; both score the held-out rows (all its splits, at most `ood.fold_max_test_rows`) or the fold's files.
+
+The model is scored through its bundle's int8 graph when it has one (what is served), else through the
+PyTorch model directory; the baseline is the newest TF-IDF run on the model's data (trained when there is
+none). Each at its own shipped thresholds (per language where the policy has them). Results: one dict per
+protocol, `{"name", "scopes": [{"scope", "rows", "spam", "model": {...}, "baseline": {...}}]}` with `f1`,
+`roc_auc`, `recall`, `fpr` (null where undefined: no spam, or one class only) in each side.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from training.config import Config, ConfigError, resolve_path, with_overrides
+
+PROTOCOLS = ("unseen_ham", "eval_sets", "evasion", "loco")
+SIDES = ("model", "baseline")
+METRICS = ("f1", "roc_auc", "recall", "fpr")
+
+
+class OodError(Exception):
+    """A user-facing benchmark problem (a missing file, a fold naming an unknown source): one line."""
+
+
+# ------------------------------------------------------------------------------------------ scorers
+
+
+@dataclass
+class Scorer:
+    """p_spam and the threshold each text gets, for raw texts (normalised inside, as the server does)."""
+
+    name: str
+    proba: Callable[[list[str]], np.ndarray]
+    policy: dict
+    describe: str
+
+    def score(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        from serving.text import language_tag, normalize
+        from serving.thresholds import thresholds_for
+
+        mask = bool(self.policy.get("mask_digits", True))
+        langs = [language_tag(normalize(t, mask)) for t in texts]
+        p = self.proba(texts) if texts else np.empty(0)
+        thresholds, _ = thresholds_for(self.policy, langs)
+        return p, thresholds, langs
+
+
+def bundle_scorer(bundle_dir: Path, threads: int) -> Scorer:
+    from serving.bundle import load_bundle
+    from serving.inference import Classifier
+    from serving.thresholds import from_manifest
+
+    bundle = load_bundle(bundle_dir)
+    variant = "int8" if bundle.manifest.get("models", {}).get("int8") else "fp32"
+    clf = Classifier(bundle, variant=variant, threads=threads)
+
+    def proba(texts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), 64):
+            out += [r["spam_probability"] for r in clf.classify(texts[start:start + 64])]
+        return np.asarray(out, dtype=np.float64)
+
+    policy = dict(from_manifest(bundle.manifest))
+    policy["mask_digits"] = bool(bundle.manifest.get("text", {}).get("mask_digits", True))
+    return Scorer("model", proba, policy, f"bundle {bundle_dir.name} ({variant})")
+
+
+def model_dir_scorer(model_dir: Path, batch_size: int = 64) -> Scorer:
+    from serving.thresholds import from_manifest
+    from training.evaluate import load_model, predict_proba
+
+    model, encoder, meta = load_model(model_dir)
+    mask = bool(meta["text"].get("mask_digits", True))
+
+    def proba(texts: list[str]) -> np.ndarray:
+        return predict_proba(model, encoder, texts, batch_size, mask, desc="scoring")
+
+    policy = dict(from_manifest(meta))
+    policy["mask_digits"] = mask
+    return Scorer("model", proba, policy, f"model dir {model_dir} (PyTorch)")
+
+
+def baseline_scorer(directory: Path) -> Scorer:
+    from serving.thresholds import from_manifest
+    from training.baseline import load_pipeline
+
+    pipe, info = load_pipeline(directory)
+
+    def proba(texts: list[str]) -> np.ndarray:
+        return pipe.predict_proba(texts)[:, 1].astype(np.float64)
+
+    policy = dict(from_manifest(info))
+    policy["mask_digits"] = bool(info.get("mask_digits", True))
+    return Scorer("baseline", proba, policy, f"TF-IDF baseline {directory}")
+
+
+def find_baseline(cfg: Config, data_hash: str | None, train_if_missing: bool = True) -> Path:
+    """The saved pipeline of the newest finished baseline run on `data_hash` (trained when none)."""
+    from mlflow import MlflowClient
+
+    from training import tracking
+
+    exp_id = tracking.setup(cfg)
+    runs = MlflowClient().search_runs(
+        [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=200)
+    run = next((r for r in runs if data_hash and r.data.tags.get("data_hash") == data_hash), None)
+    if run is None:
+        if not train_if_missing:
+            raise OodError(f"no baseline run on data {str(data_hash)[:12]}: run `make baseline` first")
+        from training.baseline import run_baseline
+
+        print(f"no baseline run on data {str(data_hash)[:12]}: training one", flush=True)
+        return run_baseline(cfg).model_path.parent
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="baseline",
+                                                    dst_path=str(resolve_path("runs/_mlflow") / run.info.run_id)))
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def side_metrics(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict:
+    """f1, roc_auc, recall, fpr of one side on one scope (None where undefined)."""
+    from training.metrics import binary_metrics
+
+    m = binary_metrics(y, p, thresholds)
+
+    def clean(v):
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+    out = {k: clean(m.get(k)) for k in METRICS}
+    if not y.any():  # ham only: spam metrics are undefined, not 0
+        out.update(f1=None, recall=None, roc_auc=None)
+    if y.all():
+        out.update(fpr=None, roc_auc=None)
+    return out
+
+
+def scope_entry(scope: str, y, scored: dict[str, tuple], idx=None) -> dict:
+    """One scope: rows, spam and each side's metrics on the rows `idx` (all when None)."""
+    y = np.asarray(y, dtype=int)
+    idx = np.arange(len(y)) if idx is None else np.asarray(idx, dtype=int)
+    entry = {"scope": scope, "rows": int(len(idx)), "spam": int(y[idx].sum())}
+    for side, (p, thr) in scored.items():
+        entry[side] = side_metrics(y[idx], np.asarray(p)[idx], np.asarray(thr)[idx])
+    return entry
+
+
+def _lang_scopes(langs: Sequence[str], y, scored, prefix: str = "lang:", min_rows: int = 1) -> list[dict]:
+    langs = np.asarray(langs)
+    return [scope_entry(f"{prefix}{lang}", y, scored, np.flatnonzero(langs == lang))
+            for lang in sorted(set(langs.tolist())) if (langs == lang).sum() >= min_rows]
+
+
+def _score_both(scorers: dict[str, Scorer], texts: list[str]) -> tuple[dict, list[str]]:
+    scored, langs = {}, []
+    for side, scorer in scorers.items():
+        p, thr, langs = scorer.score(texts)
+        scored[side] = (p, thr)
+    return scored, langs
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def read_rows(paths: Sequence[str], what: str) -> list[dict]:
+    """Rows of labelled files (training.data.read_labelled_file: text, label, source, lang) plus their
+    `script` column where the file has one."""
+    import json
+
+    from training.data import DataError, read_labelled_file
+
+    rows: list[dict] = []
+    for p in paths:
+        path = resolve_path(p)
+        if not path.exists():
+            raise OodError(f"ood.{what}: {p} does not exist")
+        try:
+            got = read_labelled_file(path)
+        except DataError as e:
+            raise OodError(f"ood.{what}: {e}") from None
+        scripts = []
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                scripts = [json.loads(line).get("script", "") for line in f if line.strip()]
+        for i, r in enumerate(got):
+            r["file"] = path.name
+            r["script"] = scripts[i] if len(scripts) == len(got) else ""
+        rows += got
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ protocols
+
+
+def unseen_ham(cfg: Config, scorers: dict[str, Scorer]) -> dict:
+    rows = read_rows(cfg.ood.unseen_ham, "unseen_ham")
+    if not rows:
+        raise OodError("ood.unseen_ham names no file")
+    texts, y = [r["text"] for r in rows], np.array([r["label"] for r in rows])
+    if y.any():
+        raise OodError("ood.unseen_ham: the files must hold ham only")
+    scored, langs = _score_both(scorers, texts)
+    scopes = [scope_entry("overall", y, scored)] + _lang_scopes(langs, y, scored)
+    scripts = np.array([r["script"] or "" for r in rows])
+    for script in sorted(set(scripts.tolist()) - {""}):
+        scopes.append(scope_entry(f"script:{script}", y, scored, np.flatnonzero(scripts == script)))
+    return {"name": "unseen_ham", "description": "ham from sources outside the training mix: FPR at the "
+            "shipped thresholds", "files": list(cfg.ood.unseen_ham), "scopes": scopes}
+
+
+def eval_sets(cfg: Config, scorers: dict[str, Scorer]) -> dict:
+    rows = read_rows(cfg.ood.eval_sets, "eval_sets")
+    if not rows:
+        raise OodError("ood.eval_sets names no file")
+    texts, y = [r["text"] for r in rows], np.array([r["label"] for r in rows])
+    scored, langs = _score_both(scorers, texts)
+    scopes = [scope_entry("overall", y, scored)] + _lang_scopes(langs, y, scored, min_rows=10)
+    return {"name": "eval_sets", "description": "labelled sets written apart from the training data",
+            "files": list(cfg.ood.eval_sets), "scopes": scopes}
+
+
+def _sample(rows, n: int, seed: int, key: str) -> list[int]:
+    """At most `n` indices of `rows` (dicts with source), stratified by source, seeded, in order."""
+    from training.data import cap_rows
+
+    recs = [{"label": 0, "source": r, "i": i} for i, r in enumerate(rows)]
+    if n <= 0 or len(recs) <= n:
+        return list(range(len(recs)))
+    rng = random.Random(f"{seed}:{key}")
+    by_source: dict[str, list] = {}
+    for r in recs:
+        by_source.setdefault(r["source"], []).append(r)
+    share = n / len(recs)
+    picked = []
+    for src in sorted(by_source):
+        picked += cap_rows(by_source[src], max(1, round(share * len(by_source[src]))), rng)
+    return sorted(r["i"] for r in picked)[:n]
+
+
+def evasion(cfg: Config, scorers: dict[str, Scorer], test) -> dict:
+    from training.evasion import PERTURBATIONS, perturb
+
+    o = cfg.ood
+    names = o.perturbations or list(PERTURBATIONS)
+    unknown = [n for n in names if n not in PERTURBATIONS]
+    if unknown:
+        raise OodError(f"ood.perturbations: unknown {', '.join(unknown)} (known: {', '.join(PERTURBATIONS)})")
+    labels = list(test["label"])
+    texts, sources = list(test["text"]), list(test["source"])
+    spam = [i for i, y in enumerate(labels) if y == 1]
+    ham = [i for i, y in enumerate(labels) if y == 0]
+    spam = [spam[j] for j in _sample([sources[i] for i in spam], o.evasion_spam_rows, o.seed, "spam")]
+    ham = [ham[j] for j in _sample([sources[i] for i in ham], o.evasion_ham_rows, o.seed, "ham")]
+    spam_texts = [texts[i] for i in spam]
+    variants = {name: perturb(spam_texts, name, o.seed) for name in names}
+    changed = {name: [k for k, (a, b) in enumerate(zip(spam_texts, v)) if a != b] for name, v in variants.items()}
+    batch = [texts[i] for i in ham] + spam_texts
+    for name in names:
+        batch += [variants[name][k] for k in changed[name]]
+    scored, _ = _score_both(scorers, batch)
+    nh, ns = len(ham), len(spam)
+    y_all = np.array([0] * nh + [1] * (len(batch) - nh))  # clean ham, clean spam, perturbed spam
+    scopes = [scope_entry("clean", y_all, scored, np.arange(nh + ns))]
+    offset = nh + ns
+    examples = {}
+    for name in names:
+        k = np.asarray(changed[name], dtype=int)
+        pert_idx = np.arange(offset, offset + len(k))
+        offset += len(k)
+        if not len(k):
+            scopes.append({"scope": name, "rows": 0, "spam": 0, **{s: None for s in scored}})
+            continue
+        entry = scope_entry(name, y_all, scored, np.concatenate([np.arange(nh), pert_idx]))
+        for side, (p, thr) in scored.items():
+            clean_idx = nh + k
+            clean_recall = float((np.asarray(p)[clean_idx] >= np.asarray(thr)[clean_idx]).mean())
+            entry[side]["recall_clean"] = clean_recall
+            entry[side]["recall_drop"] = clean_recall - entry[side]["recall"]
+        scopes.append(entry)
+        examples[name] = variants[name][int(k[0])][:160]
+    hard = read_rows(o.hard_negatives, "hard_negatives")
+    if hard:
+        texts_h, y_h = [r["text"] for r in hard], np.zeros(len(hard), dtype=int)
+        scored_h, langs_h = _score_both(scorers, texts_h)
+        scopes.append(scope_entry("hard_negative_ham", y_h, scored_h))
+        scopes += _lang_scopes(langs_h, y_h, scored_h, prefix="hard_negative_ham:lang:")
+    return {"name": "evasion", "description": "test-split spam perturbed by code beside clean test ham "
+            "(recall drop against the same spam unperturbed); hard-negative ham (FPR)",
+            "spam_rows": ns, "ham_rows": nh, "seed": o.seed, "examples": examples,
+            "files": list(o.hard_negatives), "scopes": scopes}
+
+
+def _fold_rows(cfg: Config, fold, splits) -> list[dict]:
+    from training.data import cap_rows
+
+    # the held-out sources' own rows, unless the fold names files instead (then only those, or both)
+    sources = set(fold.test_sources or ([] if fold.test_files else fold.exclude))
+    rows = []
+    for split in ("train", "validation", "test"):
+        ds = splits[split]
+        for text, label, source, lang in zip(ds["text"], ds["label"], ds["source"], ds["lang"]):
+            if source in sources:
+                rows.append({"text": text, "label": label, "source": source, "lang": lang})
+    if cfg.ood.fold_max_test_rows and len(rows) > cfg.ood.fold_max_test_rows:
+        rows = cap_rows(rows, cfg.ood.fold_max_test_rows, random.Random(f"{cfg.ood.seed}:fold"))
+    if fold.test_files:
+        rows += read_rows(fold.test_files, "folds.test_files")
+    return rows
+
+
+def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = ()) -> dict:
+    """Train the recipe and the baseline per fold (on the same rows) and score the held-out rows."""
+    from training.baseline import run_baseline
+    from training.data import ensure_prepared, load_splits
+    from training.train import train
+
+    if not cfg.ood.folds:
+        raise OodError("ood.folds defines no fold")
+    ensure_prepared(cfg)
+    splits = load_splits(cfg)
+    known = set(splits["train"]["source"])
+    folds_out = []
+    scopes = []
+    for name, fold in cfg.ood.folds.items():
+        if only and name not in only:
+            continue
+        bad = sorted(set(fold.exclude) - known) or sorted(set(fold.test_sources) - known)
+        if bad or not fold.exclude:
+            raise OodError(f"ood.folds.{name}: " + (f"unknown source(s) {', '.join(bad)} (sources: "
+                           f"{', '.join(sorted(known))})" if bad else "exclude names no source"))
+        t0 = time.perf_counter()
+        fold_cfg = with_overrides(cfg, [
+            *base_overrides, *cfg.ood.fold_overrides,
+            f"train.exclude_sources={','.join(fold.exclude)}",
+            f"train.output_dir={Path(cfg.train.output_dir).as_posix()}-ood/{name}",
+            f"tracking.experiment={cfg.tracking.experiment}-ood", f"tracking.run_name=ood-{name}",
+            "tracking.register_as=", "train.resume=false",
+        ])
+        print(f"\n[loco {name}] training without {', '.join(fold.exclude)}", flush=True)
+        model_dir = train(fold_cfg).model_dir
+        base = run_baseline(fold_cfg, capped=True, out_dir=resolve_path(fold_cfg.train.output_dir) / "baseline")
+        scorers = {"model": model_dir_scorer(model_dir, cfg.eval.batch_size),
+                   "baseline": baseline_scorer(base.model_path.parent)}
+        rows = _fold_rows(cfg, fold, splits)
+        y = np.array([r["label"] for r in rows])
+        scored, langs = _score_both(scorers, [r["text"] for r in rows])
+        fold_scopes = [scope_entry(f"{name}", y, scored)]
+        srcs = np.array([r["source"] for r in rows])
+        if len(set(srcs.tolist())) > 1:
+            fold_scopes += [scope_entry(f"{name}:source:{s}", y, scored, np.flatnonzero(srcs == s))
+                            for s in sorted(set(srcs.tolist()))]
+        fold_scopes += _lang_scopes(langs, y, scored, prefix=f"{name}:lang:", min_rows=20)
+        scopes += fold_scopes
+        folds_out.append({"fold": name, "exclude": list(fold.exclude), "test_rows": len(rows),
+                          "model_dir": str(model_dir), "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"[loco {name}] done in {time.perf_counter() - t0:.0f} s: " + _one_line(fold_scopes[0]), flush=True)
+    return {"name": "loco", "description": "leave-one-corpus-out: the recipe and the baseline trained without "
+            "the fold's sources (same rows, budget ood.fold_overrides), scored on them",
+            "fold_overrides": list(cfg.ood.fold_overrides), "folds": folds_out, "scopes": scopes}
+
+
+def _one_line(entry: dict) -> str:
+    parts = []
+    for side in SIDES:
+        m = entry.get(side) or {}
+        parts.append(f"{side} " + " ".join(f"{k} {m[k]:.3f}" for k in METRICS if m.get(k) is not None))
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ all
+
+
+def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols: Sequence[str],
+        threads: int = 2, folds: Sequence[str] = (), base_overrides: Sequence[str] = ()) -> dict:
+    """Every protocol asked for; returns {"model": ..., "baseline": ..., "protocols": [...]}."""
+    import json
+
+    from training.data import load_splits
+
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise OodError(f"unknown protocol(s) {', '.join(unknown)} (protocols: {', '.join(PROTOCOLS)})")
+    out = {"protocols": []}
+    fixed = [p for p in protocols if p != "loco"]
+    if fixed:
+        if model_dir is None:
+            raise OodError("no trained model to score: train one first (make train)")
+        meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+        model = bundle_scorer(bundle_dir, threads) if bundle_dir else model_dir_scorer(model_dir, cfg.eval.batch_size)
+        baseline = baseline_scorer(find_baseline(cfg, meta.get("data_hash")))
+        scorers = {"model": model, "baseline": baseline}
+        out["model"], out["baseline"] = model.describe, baseline.describe
+        for name in fixed:
+            t0 = time.perf_counter()
+            print(f"ood: {name} ...", flush=True)
+            if name == "evasion":
+                result = evasion(cfg, scorers, _model_test_split(cfg, meta))
+            else:
+                result = {"unseen_ham": unseen_ham, "eval_sets": eval_sets}[name](cfg, scorers)
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            out["protocols"].append(result)
+            print(render_protocol(result), flush=True)
+    if "loco" in protocols:
+        result = loco(cfg, base_overrides, folds)
+        out["protocols"].append(result)
+        print(render_protocol(result), flush=True)
+    return out
+
+
+def _model_test_split(cfg: Config, meta: dict):
+    from datasets import load_from_disk
+
+    data_dir = Path(meta.get("data_dir") or "")
+    if meta.get("data_dir") and (data_dir / "dataset").is_dir():
+        return load_from_disk(str(data_dir / "dataset"))["test"]
+    from training.data import load_splits
+
+    return load_splits(cfg)["test"]
+
+
+def log_to_mlflow(cfg: Config, run_id: str | None, result: dict) -> None:
+    """ood/<protocol>/<scope>/<metric> into the model's run (model side; baseline side as ood_baseline/...)."""
+    if not run_id:
+        return
+    from training import tracking
+
+    metrics = {}
+    for proto in result["protocols"]:
+        for s in proto["scopes"]:
+            scope = s["scope"].replace(":", ".")
+            for side, prefix in (("model", "ood"), ("baseline", "ood_baseline")):
+                for k, v in (s.get(side) or {}).items():
+                    if isinstance(v, float) and np.isfinite(v):
+                        metrics[f"{prefix}/{proto['name']}/{scope}/{k}"] = v
+    try:
+        with tracking.resume_run(run_id, cfg):
+            import mlflow
+
+            mlflow.log_metrics(metrics)
+            mlflow.log_dict(result, "ood.json")
+    except Exception as e:  # a model whose run is not in this store: the JSON file still has everything
+        print(f"warning: OOD results not logged to MLflow run {run_id}: {e}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _f(v, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def render_protocol(proto: dict) -> str:
+    name = proto["name"]
+    lines = [f"**{name}** — {proto.get('description', '')}", ""]
+    if name == "unseen_ham" or all(s.get("spam", 0) == 0 for s in proto["scopes"]):
+        lines += ["| scope | rows | model FPR | baseline FPR |", "|---|---:|---:|---:|"]
+        for s in proto["scopes"]:
+            m, b = s.get("model") or {}, s.get("baseline") or {}
+            lines.append(f"| {s['scope']} | {s['rows']:,} | {_f(m.get('fpr'), '.2%')} | {_f(b.get('fpr'), '.2%')} |")
+        return "\n".join(lines)
+    evasion_cols = name == "evasion"
+    head = "| scope | rows (spam) | model F1 | ROC-AUC | recall | FPR |"
+    head += " recall drop |" if evasion_cols else ""
+    head += " baseline F1 | ROC-AUC | recall | FPR |" + (" recall drop |" if evasion_cols else "")
+    lines += [head, "|---|---:|" + "---:|" * (10 if evasion_cols else 8)]
+    for s in proto["scopes"]:
+        cells = [s["scope"], f"{s['rows']:,} ({s['spam']:,})"]
+        for side in SIDES:
+            m = s.get(side) or {}
+            cells += [_f(m.get("f1")), _f(m.get("roc_auc")), _f(m.get("recall")), _f(m.get("fpr"), ".2%")]
+            if evasion_cols:
+                cells.append(_f(m.get("recall_drop"), "+.3f") if "recall_drop" in m else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(result: dict) -> str:
+    parts = []
+    if result.get("model"):
+        parts.append(f"Model: {result['model']}; baseline: {result.get('baseline', '—')}.")
+    for proto in result["protocols"]:
+        parts.append(render_protocol(proto))
+        if proto["name"] == "loco" and proto.get("fold_overrides"):
+            parts.append("Fold budget: `" + " ".join(proto["fold_overrides"]) + "`; folds: " + ", ".join(
+                f"{f['fold']} (without {', '.join(f['exclude'])}, {f['test_rows']:,} rows scored, "
+                f"{f['seconds']:.0f} s)" for f in proto.get("folds", [])) + ".")
+    return "\n\n".join(parts)
