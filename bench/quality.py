@@ -107,6 +107,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
 
     from serving.bundle import load_bundle
     from serving.inference import Classifier
+    from serving.thresholds import thresholds_for
     from training import metrics as M
 
     notes = {}
@@ -119,7 +120,8 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     clf = Classifier(bundle, variant=variant, threads=threads, batch_size=64)
     p = clf.predict_proba(list(test["text"]))
     groups = {"source": list(test["source"]), "lang": list(test["lang"])}
-    onnx = _slim(M.grouped_metrics(labels, p, clf.threshold, groups))
+    # each row at its language's threshold, as the server labels it (serving/thresholds.py)
+    onnx = _slim(M.grouped_metrics(labels, p, thresholds_for(clf.policy, groups["lang"])[0], groups))
     scopes = list(onnx)  # overall, source=..., lang=...
 
     torch_metrics, how = _pytorch(inputs, scopes, len(labels), threads)

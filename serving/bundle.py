@@ -1,8 +1,9 @@
 """The model bundle: the only thing the server reads (docs/DESIGN.md §5).
 
 A bundle is a directory with an ONNX graph (fp32, and int8 when the export's gates passed), the
-tokenizer.json the model was trained with and `bundle.json`: labels, threshold, text settings, graph
-input names, and the sha256 and size of every other file. `load_bundle` refuses a bundle whose files do
+tokenizer.json the model was trained with and `bundle.json`: labels, thresholds (the global `threshold`
+and the per-language policy `thresholds`, serving/thresholds.py), text settings, graph input names, and
+the sha256 and size of every other file. `load_bundle` refuses a bundle whose files do
 not match their checksums, so a half-copied or edited bundle never serves. No torch or transformers here.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving import thresholds as TH
 from serving.text import Encoder, TextSettings
 
 FORMAT_VERSION = 1
@@ -65,7 +67,7 @@ class Bundle:
     path: Path
     manifest: dict
     labels: list[str]
-    threshold: float
+    threshold: float  # the global threshold (thresholds["default"])
     text: TextSettings
     inputs: list[str]
     output: str
@@ -75,6 +77,12 @@ class Bundle:
     metrics: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     created_at: str = ""
+    # serving.thresholds policy: bundle.json's "thresholds", or the single threshold of an older bundle
+    thresholds: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.thresholds:
+            self.thresholds = TH.from_threshold(self.threshold)
 
     @property
     def name(self) -> str:
@@ -106,6 +114,7 @@ class Bundle:
             "format_version": self.manifest.get("format_version"),
             "labels": self.labels,
             "threshold": self.threshold,
+            "thresholds_by_lang": dict(self.thresholds.get("by_lang") or {}),
             "text": self.text.to_dict(),
             "models": self.models,
             "int8": self.int8.get("status"),
@@ -174,11 +183,17 @@ def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
     labels = list(_require(manifest, "labels", directory))
     if len(labels) != 2:
         raise BundleError(f"{mpath}: expected 2 labels, got {labels}")
+    _require(manifest, "threshold", directory)
+    try:  # a bundle exported before per-language thresholds has only "threshold": a policy of that alone
+        policy = TH.from_manifest(manifest)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: invalid thresholds: {e}") from None
     return Bundle(
         path=directory,
         manifest=manifest,
         labels=labels,
-        threshold=float(_require(manifest, "threshold", directory)),
+        threshold=policy["default"],
+        thresholds=policy,
         text=text,
         inputs=list(_require(manifest, "inputs", directory)),
         output=str(manifest.get("output", "logits")),

@@ -1,6 +1,6 @@
 """Command-line client of the spamlingo server: `spamlingo-predict`.
 
-    echo "Free entry in 2 a wkly comp" | spamlingo-predict            # label<TAB>probability<TAB>lang
+    echo "Free entry in 2 a wkly comp" | spamlingo-predict   # label<TAB>probability<TAB>lang<TAB>threshold scope
     spamlingo-predict --text "恭喜您中奖了" --text "see you at lunch?" --json
     make predict TEXT="今すぐクリック"
 
@@ -29,7 +29,7 @@ class ClientError(Exception):
 def predict(texts: list[str], url: str = DEFAULT_URL, api_key: str = "", timeout: float = 30.0,
             retries: int = 3) -> list[dict]:
     """POST texts to `url`/v1/classify; returns the server's results (label, spam_probability, threshold,
-    lang, truncated), one per text."""
+    threshold_scope, lang, truncated), one per text."""
     body = json.dumps({"texts": texts}, ensure_ascii=False).encode("utf-8")
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 if args.json:
                     print(json.dumps({"text": text, **r}, ensure_ascii=False))
                 else:
-                    print(f"{r['label']}\t{r['spam_probability']:.4f}\t{r['lang']}")
+                    # the scope says whose threshold decided the label: "lang:ko" (Korean's own) or "global"
+                    print(f"{r['label']}\t{r['spam_probability']:.4f}\t{r['lang']}\t{r.get('threshold_scope', 'global')}")
             sys.stdout.flush()
     except ClientError as e:
         print(f"error: {e}", file=sys.stderr)

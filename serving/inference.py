@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from serving import thresholds as TH
 from serving.bundle import Bundle, BundleError
 from serving.text import Encoded, Encoder, TextSettings, language_tag, normalize
 
@@ -100,6 +101,9 @@ class Classifier:
     """Spam classifier over a loaded bundle.
 
     variant: "int8" | "fp32" | "auto" (int8 when the bundle has one, else fp32).
+    Labels follow the bundle's threshold policy (`bundle.thresholds`, serving/thresholds.py): a text is
+    spam iff its probability >= the threshold of its language tag, or the global one (`self.threshold`)
+    when its language has none of its own.
     threads: ONNX Runtime intra-op threads (0 = its default).
     batch_size: texts per graph call in `classify`/`predict_proba`; texts are sorted by token length first
     so that each sub-batch pads little, and results are put back in input order (deterministic: the same
@@ -113,7 +117,8 @@ class Classifier:
             variant = "int8" if bundle.has("int8") else "fp32"
         self.bundle = bundle
         self.variant = variant
-        self.threshold = float(bundle.threshold)
+        self.threshold = float(bundle.threshold)  # the global threshold
+        self.policy = bundle.thresholds
         self.batch_size = max(1, int(batch_size))
         self.encoder: Encoder = bundle.encoder()
         self.graph = OnnxGraph(bundle.model_path(variant), threads=threads, output=bundle.output, spin=spin)
@@ -156,18 +161,25 @@ class Classifier:
         """Spam probability of each text (float64, shape (n,))."""
         return self.probabilities(self.encode(texts))
 
+    def threshold_for(self, lang: str) -> tuple[float, str]:
+        """(threshold, scope) that applies to a text of language tag `lang` ("lang:<tag>" or "global")."""
+        return TH.threshold_for(self.policy, lang)
+
     def result(self, prepared: Prepared, probability: float) -> dict:
         p = float(probability)
+        threshold, scope = self.threshold_for(prepared.lang)
         return {
-            "label": self.bundle.labels[1] if p >= self.threshold else self.bundle.labels[0],
+            "label": self.bundle.labels[1] if p >= threshold else self.bundle.labels[0],
             "spam_probability": p,
-            "threshold": self.threshold,
+            "threshold": threshold,
+            "threshold_scope": scope,
             "lang": prepared.lang,
             "truncated": prepared.truncated,
         }
 
     def classify(self, texts: Sequence[str]) -> list[dict]:
-        """[{label, spam_probability, threshold, lang, truncated}] in input order."""
+        """[{label, spam_probability, threshold, threshold_scope, lang, truncated}] in input order;
+        `threshold` is the one that applied to that text (its language's, or the global one)."""
         prepared = self.encode(texts)
         probs = self.probabilities(prepared)
         return [self.result(p, q) for p, q in zip(prepared, probs)]

@@ -126,10 +126,17 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+_SCOPE_PATTERN = "^(global|lang:(" + "|".join(LANGS) + "))$"
+
+
 class Result(BaseModel):
     label: Literal["spam", "ham"]
     spam_probability: float = Field(ge=0.0, le=1.0, description="softmax(logits)[1]")
-    threshold: float = Field(description="label is spam iff spam_probability >= threshold")
+    threshold: float = Field(description="the threshold that applied to this text (its language's own, or "
+                                         "the global one): label is spam iff spam_probability >= threshold")
+    threshold_scope: str = Field(pattern=_SCOPE_PATTERN, examples=["lang:ko", "global"],
+                                 description='"lang:<tag>" when the text\'s language has a threshold of its '
+                                             'own (chosen on that language\'s validation rows), else "global"')
     lang: Literal[LANGS] = Field(description="script-based tag of the normalised text")  # type: ignore[valid-type]
     truncated: bool = Field(description="the text was longer than the model reads (tokens or --max-chars)")
 
@@ -138,7 +145,9 @@ class ModelInfo(BaseModel):
     bundle: str = Field(description="bundle directory name")
     variant: Literal["fp32", "int8"]
     sha256: str = Field(description="first 16 hex digits of the served ONNX file's checksum")
-    threshold: float
+    threshold: float = Field(description="the global threshold: for texts whose language has none of its own")
+    threshold_by_lang: dict[Literal[LANGS], float] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="per-language thresholds, by language tag (scope lang:<tag>)")
     created_at: str | None = None
     mlflow_run_id: str | None = None
 
@@ -550,8 +559,8 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
         for r, was_cut in zip(results, cut):
             metrics.texts.labels(r["label"]).inc()
             out.append({"label": r["label"], "spam_probability": float(r["spam_probability"]),
-                        "threshold": float(r["threshold"]), "lang": r["lang"],
-                        "truncated": bool(r["truncated"]) or was_cut})
+                        "threshold": float(r["threshold"]), "threshold_scope": r.get("threshold_scope", "global"),
+                        "lang": r["lang"], "truncated": bool(r["truncated"]) or was_cut})
         return JSONResponse({"results": out, "model": info})
 
     @app.get("/healthz", response_model=Health, summary="The process is alive")
@@ -616,6 +625,7 @@ def load_model(settings: ServerSettings):
         raise StartupError(str(e)) from None
     info = {"bundle": bundle.name, "variant": variant,
             "sha256": bundle.manifest["files"][model_file]["sha256"][:16], "threshold": float(bundle.threshold),
+            "threshold_by_lang": dict(bundle.thresholds.get("by_lang") or {}),
             "created_at": bundle.created_at or None, "mlflow_run_id": bundle.source.get("mlflow_run_id")}
     return classifier, info
 

@@ -67,6 +67,9 @@ def test_manifest_round_trip(tmp_path):
     assert raw["files"]["model.onnx"]["bytes"] == len(b"fp32 graph bytes")
     b = load_bundle(d)
     assert b.threshold == 0.42 and b.labels == ["ham", "spam"]
+    # written before per-language thresholds (no "thresholds"): a policy of the single threshold
+    assert b.thresholds["default"] == 0.42 and b.thresholds["by_lang"] == {}
+    assert b.summary()["thresholds_by_lang"] == {}
     assert b.text.truncation == "head_tail" and b.text.max_length == 64
     assert b.inputs == ["input_ids", "attention_mask"]
     assert b.models == {"fp32": "model.onnx", "int8": None}
@@ -129,6 +132,27 @@ def test_not_a_bundle(tmp_path):
         load_bundle(tmp_path / "bad")
 
 
+POLICY = {"default": 0.42, "by_lang": {"ko": 0.2, "zh": 0.8}, "rule": "max_recall_at_fpr", "target_fpr": 0.01,
+          "min_rows": {"ham": 100, "spam": 20}, "languages": {}}
+
+
+def test_bundle_with_per_language_thresholds(tmp_path):
+    b = load_bundle(_fake_bundle(tmp_path / "b", thresholds=POLICY))
+    assert b.threshold == 0.42 and b.thresholds["by_lang"] == {"ko": 0.2, "zh": 0.8}
+    assert b.summary()["thresholds_by_lang"] == {"ko": 0.2, "zh": 0.8}
+
+
+@pytest.mark.parametrize("thresholds, says", [
+    ({**POLICY, "by_lang": {"klingon": 0.3}}, "unknown language tag"),
+    ({**POLICY, "by_lang": {"ko": "low"}}, "thresholds.by_lang.ko' must be a number"),
+    ({**POLICY, "default": 0.5}, "differs from 'thresholds.default'"),
+    ("0.42", "must be an object"),
+])
+def test_bad_thresholds_are_refused(tmp_path, thresholds, says):
+    with pytest.raises(BundleError, match=r"bundle\.json: invalid thresholds: .*" + says):
+        load_bundle(_fake_bundle(tmp_path / "b", thresholds=thresholds))
+
+
 def test_newest_bundle(tmp_path):
     with pytest.raises(BundleError, match="no bundle found"):
         newest_bundle(tmp_path)
@@ -171,10 +195,10 @@ def test_classify_fields_and_languages(tiny_bundle):
     out = clf.classify(MIXED)
     assert len(out) == len(MIXED)
     for r in out:
-        assert set(r) == {"label", "spam_probability", "threshold", "lang", "truncated"}
+        assert set(r) == {"label", "spam_probability", "threshold", "threshold_scope", "lang", "truncated"}
         assert 0.0 <= r["spam_probability"] <= 1.0
         assert r["label"] == ("spam" if r["spam_probability"] >= b.threshold else "ham")
-        assert r["threshold"] == b.threshold
+        assert r["threshold"] == b.threshold and r["threshold_scope"] == "global"  # no per-language ones
     assert [r["lang"] for r in out[:8]] == ["en", "en", "zh", "zh", "ja", "ja", "ko", "ko"]
     assert out[-1]["lang"] == "other" and not out[-1]["truncated"]
     # the model learnt the templates: spam/ham in alternation for the eight templated texts
@@ -221,3 +245,24 @@ def test_spam_probability_is_softmax():
     e = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
     expected = (e / e.sum(axis=1, keepdims=True))[:, 1]
     np.testing.assert_allclose(spam_probability(logits), expected, atol=1e-12)
+
+
+def test_classifier_applies_the_threshold_of_each_language(tiny_bundle, tmp_path):
+    """The same probability gets different labels in two languages; each result says which threshold
+    applied. (bundle.json is not among its own checksums: editing its policy keeps the bundle valid.)"""
+    d = Path(shutil.copytree(tiny_bundle, tmp_path / "copy"))
+    manifest = json.loads((d / "bundle.json").read_text(encoding="utf-8"))
+    manifest["thresholds"] = {**manifest["thresholds"], "by_lang": {"ko": 0.2, "zh": 0.8}}
+    (d / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    clf = Classifier(load_bundle(d), variant="fp32")
+    assert clf.threshold == manifest["threshold"] == 0.5
+    ko, en, zh = clf.encode(["내일 회의 몇 시에 만날까요?", "see you at lunch?", "明天公司的会议改到下午三点"])
+    got = [clf.result(x, 0.3) for x in (ko, en, zh)]
+    assert [r["label"] for r in got] == ["spam", "ham", "ham"]
+    assert [(r["threshold"], r["threshold_scope"]) for r in got] == [(0.2, "lang:ko"), (0.5, "global"), (0.8, "lang:zh")]
+    assert clf.result(zh, 0.6)["label"] == "ham" and clf.result(en, 0.6)["label"] == "spam"
+    # the whole path too: every result at its language's threshold
+    for r in clf.classify(MIXED):
+        want = {"ko": 0.2, "zh": 0.8}.get(r["lang"], 0.5)
+        assert r["threshold"] == want and r["label"] == ("spam" if r["spam_probability"] >= want else "ham")
+        assert r["threshold_scope"] == (f"lang:{r['lang']}" if r["lang"] in ("ko", "zh") else "global")

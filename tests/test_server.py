@@ -99,7 +99,8 @@ def _same(got: dict, want: dict, tol: float = 1e-6) -> None:
     assert got["spam_probability"] == pytest.approx(want["spam_probability"], abs=tol)
     if abs(want["spam_probability"] - want["threshold"]) > tol:
         assert got["label"] == want["label"]
-    assert (got["threshold"], got["lang"], got["truncated"]) == (want["threshold"], want["lang"], want["truncated"])
+    assert (got["threshold"], got["threshold_scope"], got["lang"], got["truncated"]) == (
+        want["threshold"], want["threshold_scope"], want["lang"], want["truncated"])
 
 
 def _scrape(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
@@ -167,6 +168,8 @@ def test_results_equal_direct_classifier(server, classifier, tiny_bundle):
     manifest = json.loads((tiny_bundle / "bundle.json").read_text())
     assert m["bundle"] == tiny_bundle.name and m["variant"] == _variant(tiny_bundle)
     assert m["threshold"] == manifest["threshold"]
+    assert m["threshold_by_lang"] == manifest["thresholds"]["by_lang"] == {}  # the fixture has one threshold
+    assert {x["threshold_scope"] for x in body["results"]} == {"global"}
     assert manifest["files"][manifest["models"][m["variant"]]]["sha256"].startswith(m["sha256"])
 
 
@@ -326,6 +329,43 @@ def test_readyz_is_503_until_the_warm_up_inference_is_done(tiny_bundle):
                 raise AssertionError("never became ready")
 
     asyncio.run(go())
+
+
+def test_per_language_thresholds_label_the_same_probability_differently(tiny_bundle, tmp_path):
+    """A bundle whose policy has ko and zh thresholds of their own: in process, with the real start-up path
+    (serving.server.load_model) and the classifier's probabilities pinned to 0.5 for every text, ko text is
+    spam (its threshold 0.3), zh text ham (0.8) and en/ja text follows the global threshold; each result
+    says which threshold applied, and the response's model object lists the per-language ones."""
+    import numpy as np
+
+    from serving.server import load_model
+
+    d = Path(shutil.copytree(tiny_bundle, tmp_path / "by_lang"))
+    manifest = json.loads((d / "bundle.json").read_text(encoding="utf-8"))
+    manifest["threshold"] = 0.45
+    manifest["thresholds"] = {**manifest["thresholds"], "default": 0.45, "by_lang": {"ko": 0.3, "zh": 0.8}}
+    (d / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")  # not among its own checksums
+    settings = ServerSettings(bundle=str(d), model="fp32", threads=1)
+    clf, info = load_model(settings)
+    assert info["threshold"] == 0.45 and info["threshold_by_lang"] == {"ko": 0.3, "zh": 0.8}
+    clf.probabilities = lambda items: np.full(len(items), 0.5)
+    app = create_app(settings, clf.classify, info)
+    texts = ["무료 쿠폰을 받으세요 지금 바로", "恭喜您中奖了！请点击链接领取大奖", "see you at lunch?", "今すぐクリック"]
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.post("/v1/classify", json={"texts": texts})
+
+    r = asyncio.run(go())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = [(x["lang"], x["spam_probability"], x["label"], x["threshold"], x["threshold_scope"]) for x in body["results"]]
+    assert got == [("ko", 0.5, "spam", 0.3, "lang:ko"), ("zh", 0.5, "ham", 0.8, "lang:zh"),
+                   ("en", 0.5, "spam", 0.45, "global"), ("ja", 0.5, "spam", 0.45, "global")]
+    assert body["model"]["threshold"] == 0.45 and body["model"]["threshold_by_lang"] == {"ko": 0.3, "zh": 0.8}
+    schema = app.openapi()["components"]["schemas"]
+    assert "threshold_scope" in schema["Result"]["required"] and "threshold_by_lang" in schema["ModelInfo"]["properties"]
 
 
 def test_a_failing_text_fails_only_its_own_request(tiny_bundle):
@@ -555,8 +595,8 @@ def test_client_prints_one_line_per_input_line(server, classifier, tol):
     want = classifier.classify(lines)
     assert len(out) == len(lines)
     for row, w in zip(out, want):
-        label, prob, lang = row.split("\t")
-        assert label == w["label"] and lang == w["lang"]
+        label, prob, lang, scope = row.split("\t")
+        assert label == w["label"] and lang == w["lang"] and scope == w["threshold_scope"]
         assert float(prob) == pytest.approx(w["spam_probability"], abs=5e-5 + tol)
     p = _predict_cli("--url", server.url, "--json", "--text", "今すぐクリック", "--text", "hello")
     rows = [json.loads(x) for x in p.stdout.splitlines()]
@@ -569,4 +609,4 @@ def test_client_says_clearly_when_the_server_is_unreachable_or_refuses(auth_serv
     p = _predict_cli("--url", auth_server.url, "--text", "hi")
     assert p.returncode == 2 and "401" in p.stderr and "unauthorized" in p.stderr
     p = _predict_cli("--url", auth_server.url, "--text", "hi", "--api-key", KEY)
-    assert p.returncode == 0 and p.stdout.count("\t") == 2
+    assert p.returncode == 0 and p.stdout.count("\t") == 3
