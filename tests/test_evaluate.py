@@ -131,6 +131,8 @@ def test_cli_data_file_logs_an_eval_run(tiny_model_dir, cfg, tmp_path, capsys):
     (["--data", "/no/such.csv"], "no such file"),
     (["--data", "BAD_COLUMN"], "text_col"),
     (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),  # was range() ValueError traceback
+    (["eval.threshold_min_ham=-1"], "eval.threshold_min_ham must be >= 0, got -1"),
+    (["eval.threshold_min_spam=-5"], "eval.threshold_min_spam must be >= 0, got -5"),
 ])
 def test_cli_user_mistakes_are_one_line(tiny_model_dir, cfg, tmp_path, capsys, extra, message):
     if "BAD_COLUMN" in extra:
@@ -159,3 +161,66 @@ def test_broken_model_dir_is_a_clear_error(tiny_model_dir, cfg, tmp_path):
     (broken / "spamlingo.json").write_text("{not json")
     with pytest.raises(E.EvaluateError, match="not valid JSON"):
         E.evaluate_model_dir(broken, cfg)
+
+
+def _with_policy(model_dir: Path, dest: Path, by_lang: dict) -> Path:
+    out = Path(shutil.copytree(model_dir, dest))
+    meta = json.loads((out / "spamlingo.json").read_text())
+    meta["thresholds"] = {"default": meta["threshold"], "by_lang": by_lang, "rule": "test", "target_fpr": 0.01,
+                          "languages": {"ja": {"reason": "too few validation rows (3 ham, 1 spam; ...)"}}}
+    (out / "spamlingo.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_evaluate_applies_the_per_language_thresholds(tiny_model_dir, cfg, tmp_path, capsys):
+    """The same model, the same scores: with a ko threshold above every ko score and a zh threshold of 0,
+    ko rows turn ham and zh rows spam, the other languages keep the global threshold; the printed table
+    says which threshold applied per language. The old model dir (no `thresholds`) is the global one."""
+    old = E.evaluate_model_dir(tiny_model_dir, cfg, log=False, progress=False)
+    assert set(old.scopes) == {"global"} and np.all(old.thresholds == 0.5) and old.policy["by_lang"] == {}
+    assert {"lang=ko", "lang=zh", "lang=en", "lang=ja"} <= set(old.grouped)
+    capsys.readouterr()
+    new_dir = _with_policy(tiny_model_dir, tmp_path / "model", {"ko": 1.0, "zh": 0.0})
+    new = E.evaluate_model_dir(new_dir, cfg, log=False, progress=False)
+    np.testing.assert_allclose(new.p_spam, old.p_spam, atol=1e-12)
+    out = capsys.readouterr().out
+    assert "| ko |" in out and "| 1 | lang:ko |" in out and "| 0 | lang:zh |" in out
+    assert "| ja |" in out and "| global | too few validation rows" in out
+    assert "thresholds global 0.5; lang:ko 1, lang:zh 0" in out
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(json.loads((tiny_model_dir / "spamlingo.json").read_text())["data_dir"] + "/dataset"))["test"]
+    lang = np.asarray(rows["lang"])
+    assert [s for s, x in zip(new.scopes, lang) if x == "ko"] == ["lang:ko"] * int((lang == "ko").sum())
+    ko, zh = lang == "ko", lang == "zh"
+    assert old.p_spam[ko].max() < 1.0
+    # a ko spam row flagged under the global threshold is ham under its own; zh ham rows turn spam
+    assert old.grouped["lang=ko"]["recall"] > 0 and new.grouped["lang=ko"]["recall"] == 0.0
+    assert new.grouped["lang=zh"]["fpr"] == 1.0 and new.grouped["lang=zh"]["recall"] == 1.0
+    for scope in ("lang=en", "lang=ja"):
+        assert new.grouped[scope]["f1"] == old.grouped[scope]["f1"]
+    # overall and per-source metrics count every row at the threshold it got
+    expected = binary_metrics(new.labels, new.p_spam, np.where(ko, 1.0, np.where(zh, 0.0, 0.5)))
+    assert new.grouped["overall"]["f1"] == pytest.approx(expected["f1"])
+    assert new.grouped["source=tiny_zh"]["fpr"] == 1.0
+    assert new.grouped["overall"]["f1"] != pytest.approx(old.grouped["overall"]["f1"])
+
+
+def test_evaluate_file_applies_the_per_language_thresholds(tiny_model_dir, cfg, tmp_path):
+    data = _write_csv(tmp_path / "mine.csv", [
+        ("축하합니다! 여행 당첨되셨습니다. 지금 링크를 눌러 상품을 받으세요", "spam", "a"),
+        ("WIN a FREE laptop now! Click http://win.example.com to claim your prize", "spam", "a"),
+        ("明天公司的会议改到下午三点,请准时参加", "ham", "a")])
+    kw = dict(text="body", label="is_spam", source="origin", log=False, progress=False)
+    old = E.evaluate_file(tiny_model_dir, data, cfg, **kw)
+    assert old.p_spam[0] >= 0.5 and old.p_spam[2] < 0.5  # the fixture model gets these right
+    new = E.evaluate_file(_with_policy(tiny_model_dir, tmp_path / "model", {"ko": 1.0, "zh": 0.0}), data, cfg, **kw)
+    assert new.scopes == ["lang:ko", "global", "lang:zh"] and new.thresholds.tolist() == [1.0, 0.5, 0.0]
+    assert old.grouped["lang=ko"]["recall"] == 1.0 and new.grouped["lang=ko"]["recall"] == 0.0
+    assert old.grouped["lang=zh"]["fpr"] == 0.0 and new.grouped["lang=zh"]["fpr"] == 1.0
+
+
+def test_model_dir_with_a_bad_policy_is_a_clear_error(tiny_model_dir, tmp_path):
+    bad = _with_policy(tiny_model_dir, tmp_path / "model", {"ko": 1.7})
+    with pytest.raises(E.EvaluateError, match=r"invalid thresholds: 'thresholds.by_lang.ko' must be a probability"):
+        E.read_meta(bad)

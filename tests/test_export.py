@@ -76,6 +76,9 @@ def test_tiny_export_passes_both_gates(tiny_bundle, tiny_model_dir):
     meta = json.loads((tiny_model_dir / "spamlingo.json").read_text(encoding="utf-8"))
     assert m["format_version"] == 1 and m["labels"] == ["ham", "spam"]
     assert m["threshold"] == meta["threshold"] and m["text"] == meta["text"]
+    # the fixture model predates per-language thresholds: its bundle gets the policy of its one threshold
+    assert m["thresholds"]["default"] == meta["threshold"] and m["thresholds"]["by_lang"] == {}
+    assert b.thresholds["by_lang"] == {}
     assert m["inputs"] == ["input_ids", "attention_mask"] and m["output"] == "logits"
     assert m["models"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     fp32 = m["parity"]["fp32"]
@@ -167,6 +170,52 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
     b = load_bundle(res.bundle_dir)
     assert Classifier(b, variant="auto").variant == "fp32"
     assert "int8: failed" in res.table
+
+
+def test_parity_gates_compare_labels_at_each_rows_threshold():
+    from training.export import fp32_parity, int8_parity
+
+    # two rows at the same probabilities; the second (ko) has a threshold of its own
+    p32 = np.array([0.5, 0.5])
+    p8 = np.array([0.52, 0.48])
+    y, langs = [1, 1], ["en", "ko"]
+    single = int8_parity(y, langs, p32, p8, 0.49, 0.995, 0.005)
+    assert single["label_agreement"] == 0.5 and not single["passed"]
+    per_row = int8_parity(y, langs, p32, p8, np.array([0.49, 0.45]), 0.995, 0.005)
+    assert per_row["label_agreement"] == 1.0 and per_row["scopes"]["lang=ko"]["agreement"] == 1.0
+    assert per_row["scopes"]["lang=ko"]["f1_fp32"] == 1.0
+    # fp32 vs PyTorch: logits whose probabilities straddle one row's threshold but not the other's
+    ref = np.log(np.array([[0.5, 0.5], [0.5, 0.5]]))
+    onnx = np.log(np.array([[0.49, 0.51], [0.51, 0.49]]))
+    assert fp32_parity(ref, onnx, 0.495, 1.0)["label_mismatches"] == 1
+    assert fp32_parity(ref, onnx, np.array([0.3, 0.6]), 1.0)["label_mismatches"] == 0
+
+
+def test_export_carries_the_per_language_policy(tiny_model_dir, tmp_path):
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    policy = {"default": meta["threshold"], "by_lang": {"ko": 1.0, "zh": 0.0}, "rule": "max_recall_at_fpr",
+              "target_fpr": 0.01, "min_rows": {"ham": 100, "spam": 20}, "languages": {}}
+    meta["thresholds"] = policy
+    (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+    res = export_bundle(_cfg("export.optimize=false"), model_dir, texts=MIXED, labels=[1, 0] * 5,
+                        out_root=tmp_path / "bundles", name="t", show=False, threads=1)
+    m = res.manifest
+    assert m["thresholds"] == policy and m["threshold"] == meta["threshold"]
+    b = load_bundle(res.bundle_dir)
+    assert b.thresholds["by_lang"] == {"ko": 1.0, "zh": 0.0}
+    # the export's own figures count each row at its language's threshold: no ko spam caught, every zh
+    # row flagged, English at the global threshold as before
+    fp32 = m["metrics"]["export"]["fp32"]
+    assert fp32["lang=ko"]["recall"] == 0.0 and fp32["lang=zh"]["fpr"] == 1.0 and fp32["lang=en"]["f1"] == 1.0
+    assert m["parity"]["fp32"]["passed"] and m["parity"]["fp32"]["label_mismatches"] == 0
+    out = Classifier(b, variant="fp32").classify(MIXED)
+    assert [r["threshold_scope"] for r in out[:8]] == ["global"] * 2 + ["lang:zh"] * 2 + ["global"] * 2 + ["lang:ko"] * 2
+    with pytest.raises(ExportError, match="invalid thresholds"):
+        meta["thresholds"] = {**policy, "by_lang": {"ko": "high"}}
+        (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+        export_bundle(_cfg(), model_dir, texts=MIXED, labels=[1, 0] * 5, out_root=tmp_path / "bundles", name="u",
+                      show=False, threads=1)
 
 
 def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):

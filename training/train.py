@@ -665,7 +665,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
 
     from serving import thresholds as TH
     from training import tracking
-    from training.evaluate import evaluate_model_dir, predict_proba
+    from training.evaluate import evaluate_model_dir, predict_proba, threshold_lines
     from training.metrics import ThresholdWarning, threshold_policy
 
     out_dir = resolve_path(cfg.train.output_dir)
@@ -697,7 +697,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     # validation: metrics and metrics_val.md; the plots are drawn for the test split
     val_grouped = tracking.log_evaluation(y_val, p_val, val_thresholds, groups, "validation", plots=False,
                                           title=f"{cfg.model.backbone} validation", out_dir=out_dir / "eval",
-                                          policy=policy)
+                                          policy=policy, extra_text=threshold_lines(policy, groups["lang"]))
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -727,7 +727,8 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
         test_grouped = tracking.log_evaluation(test.labels, test.p_spam, test.thresholds,
                                                {"source": list(rows["source"]), "lang": list(rows["lang"])},
                                                "test", title=f"{cfg.model.backbone} test",
-                                               out_dir=out_dir / "eval", policy=policy)
+                                               out_dir=out_dir / "eval", policy=policy,
+                                               extra_text=threshold_lines(policy, list(rows["lang"])))
         meta["metrics"]["test"] = _overall(test_grouped)
     (model_dir / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
