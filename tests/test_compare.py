@@ -40,6 +40,17 @@ def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True, d
         if name == "tiny-lr3":  # what `make bench` logs after measuring the server
             mlflow.log_metrics({"serve/p50_ms": 12.5})
         rid = run.info.run_id
+    if name == "tiny-lr3":  # what `make ood` logs into the run it benchmarked
+        from training import ood
+
+        side = lambda f1, fpr: {"f1": f1, "roc_auc": 0.9, "recall": 0.8, "fpr": fpr}  # noqa: E731
+        ood.log_to_mlflow(cfg, rid, {"protocols": [
+            {"name": "unseen_ham", "scopes": [{"scope": "lang:zh", "rows": 10, "spam": 0,
+                                               "model": side(None, 0.0125), "baseline": side(None, 0.0875)}]},
+            {"name": "loco", "scopes": [{"scope": "zh_sms", "rows": 9, "spam": 3, "model": side(0.91, 0.01),
+                                         "baseline": side(0.72, 0.02)},
+                                        {"scope": "zh_sms:lang:zh", "rows": 9, "spam": 3,
+                                         "model": side(0.5, 0.5), "baseline": side(0.5, 0.5)}]}]})
     return rid, dict(mlflow.MlflowClient(uri).get_run(rid).data.metrics)
 
 
@@ -101,6 +112,20 @@ def test_table_shows_runs_differing_key_and_best(store, tmp_path, capsys):
     png = (tmp_path / "out" / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert str(tmp_path / "out" / "compare.md") in out or "compare.md" in out.splitlines()[-2]
+
+
+def test_out_of_distribution_columns_with_the_baseline_below(store, tmp_path, capsys):
+    out = _run(store, tmp_path, capsys, "--experiment", "spamlingo-test")
+    table = out[out.index("Out-of-distribution"):]
+    header = table.splitlines()[1]
+    assert "unseen_ham zh fpr" in header and "loco zh_sms f1" in header and "loco zh_sms roc_auc" in header
+    assert "zh_sms.lang" not in header  # a fold's per-language rows stay in ood.json
+    lines = table.splitlines()
+    model = next(i for i, line in enumerate(lines) if "tiny-lr3" in line)
+    assert "0.0125" in lines[model] and "0.9100" in lines[model]
+    assert "baseline" in lines[model + 1] and "0.0875" in lines[model + 1] and "0.7200" in lines[model + 1]
+    ood_rows = table.split("\n\n")[0]
+    assert "tiny-lr4" not in ood_rows  # no ood/ metrics logged: no row
 
 
 def test_metric_choice_and_lower_is_better(store, tmp_path, capsys):

@@ -344,7 +344,46 @@ def build_report(runs: Sequence[RunRow], metric: str = DEFAULT_METRIC) -> Report
                 for r in runs]
         tables.append(Table(f"{label} ({split}) per source and per language", ["", "run", "id"]
                             + [f"{'lang ' if sc == 'lang' else ''}{n}" for sc, n in cols], rows))
+    ood = ood_table(runs, mark)
+    if ood is not None:
+        tables.append(ood)
     return Report(list(runs), metric, split, best, differing, tables, warning)
+
+
+# which out-of-distribution figures (training/ood.py, logged as ood/<protocol>/<scope>/<metric>) make columns
+_OOD_COLUMNS = {"unseen_ham": ("fpr",), "eval_sets": ("f1",), "evasion": ("recall_drop", "fpr"), "loco": ("f1", "roc_auc")}
+
+
+def _ood_column(key: str) -> tuple[str, str, str] | None:
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "ood" or parts[3] not in _OOD_COLUMNS.get(parts[1], ()):
+        return None
+    proto, scope, name = parts[1:]
+    if proto == "evasion" and (name == "fpr") != scope.startswith("hard_negative_ham"):
+        return None  # recall drops of the perturbations, FPR of the hard negatives
+    if proto == "loco" and "." in scope:
+        return None  # each fold's own score; its per-source/language rows stay in ood.json
+    return proto, scope, name
+
+
+def ood_table(runs: Sequence[RunRow], mark) -> Table | None:
+    """Out-of-distribution columns (`make ood`): each run's model and, below it, the TF-IDF baseline
+    scored beside it (logged as ood_baseline/...)."""
+    cols = sorted({c for r in runs for k in r.metrics if (c := _ood_column(k))},
+                  key=lambda c: (list(_OOD_COLUMNS).index(c[0]), c[1], c[2]))
+    if not cols:
+        return None
+    headers = ["", "run", "id"] + [f"{p} {sc.replace('lang.', '')} {'drop' if n == 'recall_drop' else n}"
+                                   for p, sc, n in cols]
+    rows = []
+    for r in runs:
+        if not any(f"ood/{p}/{sc}/{n}" in r.metrics for p, sc, n in cols):
+            continue
+        rows.append([mark(r), r.label, r.short_id] + [_fmt(r.metrics.get(f"ood/{p}/{sc}/{n}")) for p, sc, n in cols])
+        rows.append(["", "  TF-IDF baseline beside it", ""]
+                    + [_fmt(r.metrics.get(f"ood_baseline/{p}/{sc}/{n}")) for p, sc, n in cols])
+    return Table("Out-of-distribution (make ood): FPR on unseen ham, F1 on held-out sets, evasion recall "
+                 "drop, leave-one-corpus-out folds", headers, rows)
 
 
 def _int_or_none(v):
