@@ -41,9 +41,9 @@ def _strip_controls(text: str) -> str:
     return "".join(out)
 
 
-# Bumped whenever normalize() changes what it returns: prepared data normalised by an older version is
-# prepared again (training.data.PIPELINE_VERSION includes it).
-NORMALIZER_VERSION = 2
+# Bumped whenever normalize() or language_tag() changes what it returns: prepared data from an older
+# version is prepared again (training.data.PIPELINE_VERSION includes it).
+NORMALIZER_VERSION = 3
 
 # Cyrillic and Greek letters that look like Latin ones (after Unicode's confusables list). Spammers put
 # them inside English words ("Frее" with Cyrillic е) to dodge word filters; a word that mixes them with
@@ -122,6 +122,8 @@ def language_tag(text: str) -> str:
     """
     counts = {"kana": 0, "hangul": 0, "han": 0, "latin": 0, "other": 0}
     for ch in text:
+        if ch == "x":  # what masked digits become (normalize): a CJK bank alert full of amounts is not English
+            continue
         s = _script(ch)
         if s:
             counts[s] += 1

@@ -188,3 +188,11 @@ def test_text_settings_validation_and_round_trip():
         TextSettings(max_length=64, truncation="head_tail", head_tokens=63)
     with pytest.raises(ValueError, match="head_tokens"):
         TextSettings(head_tokens=-1)
+
+
+def test_masked_digits_do_not_make_cjk_text_mixed():
+    # a Chinese transaction notice full of amounts: after masking, the x's are not Latin letters
+    alert = normalize("您尾号8841的储蓄卡12月02日14:25支出人民币3,280.00元，余额12,539.61元", mask_digits=True)
+    assert "x" in alert and language_tag(alert) == "zh"
+    assert language_tag(normalize("인증번호 [482913] 타인에게 알려주지 마세요 1588-1234", mask_digits=True)) == "ko"
+    assert language_tag("box of xylophones") == "en"
