@@ -128,11 +128,19 @@ def find_baseline(cfg: Config, data_hash: str | None, train_if_missing: bool = T
         order_by=["attributes.start_time DESC"], max_results=200)
     run = next((r for r in runs if data_hash and r.data.tags.get("data_hash") == data_hash), None)
     if run is None:
+        from training.data import ensure_prepared
+
+        own = tracking.data_hash_of(ensure_prepared(cfg))
+        run = next((r for r in runs if r.data.tags.get("data_hash") == own), None)
+        if run is not None or not train_if_missing:
+            print(f"note: no baseline run on the model's data {str(data_hash)[:12]}: using the baseline of the "
+                  f"config's data {own[:12]}", file=sys.stderr)
+    if run is None:
         if not train_if_missing:
             raise OodError(f"no baseline run on data {str(data_hash)[:12]}: run `make baseline` first")
         from training.baseline import run_baseline
 
-        print(f"no baseline run on data {str(data_hash)[:12]}: training one", flush=True)
+        print(f"no baseline run on data {str(data_hash)[:12]}: training one on the config's data", flush=True)
         return run_baseline(cfg).model_path.parent
     import mlflow
 
