@@ -171,6 +171,149 @@ def test_trim_vocabulary_on_xlm_roberta_and_unk_rate():
     assert 0.0 < unk_rate(tok.backend_tokenizer, ["hello \U00010000"]) < 1.0
 
 
+# ------------------------------------------------------------------------------------------ script budgets
+
+# Neither in TRAIN_TEXTS nor in the shipped reference text
+UNSEEN_JA = "新しいスマホの予約は来週から始まります。"
+UNSEEN_KO = "오늘 저녁 모임은 취소되었습니다."
+NO_SCRIPTS = dict(trim_keep_han=0, trim_keep_kana=0, trim_keep_hangul=0, trim_keep_latin=0, trim_keep_symbols=0,
+                  trim_keep_case_variants=False)
+
+
+@pytest.fixture(scope="module")
+def tiny8():
+    """A function giving a fresh copy of one tiny backbone (hidden 8) and the untrimmed tokenizer."""
+    import copy
+
+    model, tok = backbone.build_tiny(ModelConfig(backbone="tiny", tiny_hidden=8, tiny_layers=1, tiny_heads=1))
+    return lambda: (copy.deepcopy(model), tok)
+
+
+def _pieces(tok, text):
+    from serving.text import normalize
+
+    return tok.backend_tokenizer.encode(normalize(text, mask_digits=True), add_special_tokens=False).tokens
+
+
+@pytest.fixture(scope="module")
+def trimmed(tiny8):
+    """{"default" | "none": (model, tokenizer, report)} for the tiny backbone trimmed to TRAIN_TEXTS with the
+    default script budgets and with all of them 0 (today's corpus-only trimming), plus the untrimmed one."""
+    out = {"full": tiny8()}
+    for name, cfg in (("default", ModelConfig()), ("none", ModelConfig(**NO_SCRIPTS))):
+        out[name] = trim_vocabulary(*tiny8(), TRAIN_TEXTS, model_cfg=cfg)
+    return out
+
+
+def test_default_budgets_keep_unseen_japanese_and_korean_segmentation(trimmed):
+    _, full = trimmed["full"]
+    model, tok, report = trimmed["default"]
+    for text in (UNSEEN_JA, UNSEEN_KO, *HELDOUT_TEXTS[1:5]):
+        assert _pieces(tok, text) == _pieces(full, text), text
+    assert _pieces(tok, UNSEEN_KO)[:3] == ["▁오늘", "▁저녁", "▁모"]
+    # the embedding matrix matches the tokenizer, and every CJK piece of the vocabulary is kept
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows == len(tok) == report["pieces_kept"] == model.config.vocab_size
+    kept, before = report["pieces_kept_per_script"], report["pieces_per_script_before"]
+    assert all(kept[s] == before[s] > 3000 for s in ("han", "kana", "hangul"))
+    assert kept["symbols"] == before["symbols"] > 300
+    assert kept["latin"] < before["latin"] and report["pieces_added_by_scripts"] > 15000
+    assert sum(kept.values()) == report["pieces_kept"]
+    assert report["embedding_parameters"] == report["pieces_kept"] * 8
+    assert report["embedding_int8_mb"] == pytest.approx(report["pieces_kept"] * 8 / 1e6)
+    assert report["int8_mb_estimate"] == pytest.approx(report["parameters_after"] / 1e6)
+
+
+def test_report_has_per_language_resegmentation_of_the_reference_text(trimmed):
+    default, none = trimmed["default"][2]["reference_resegmented"], trimmed["none"][2]["reference_resegmented"]
+    for lang in ("zh", "ja", "ko", "en"):
+        assert default[lang]["messages"] == none[lang]["messages"] >= 40
+        assert default[lang]["resegmented"] <= none[lang]["resegmented"]
+        assert default[lang]["resegmented_share"] == default[lang]["resegmented"] / default[lang]["messages"]
+    # every CJK piece is kept: what changes in zh/ja messages is their Latin words ("App", "URL"), which
+    # these few English training texts do not have (the default corpora do: 0% there)
+    assert default["ko"]["resegmented_share"] == 0.0
+    assert default["zh"]["resegmented"] <= 1 and default["ja"]["resegmented"] <= 1
+    # corpus-only trimming cuts nearly every Japanese and Korean message into other pieces
+    assert none["ja"]["resegmented_share"] > 0.9 and none["ko"]["resegmented_share"] > 0.9
+
+
+def test_budgets_of_zero_are_the_corpus_only_trimming(trimmed):
+    _, full = trimmed["full"]
+    model, tok, report = trimmed["none"]
+    spec = json.loads(full.backend_tokenizer.to_str())
+    used = backbone._used_ids(full.backend_tokenizer, [t for t in TRAIN_TEXTS if t])
+    expected = {spec["model"]["vocab"][i][0] for i in backbone._base_ids(spec) | used}
+    assert set(tok.get_vocab()) == expected
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) == len(expected)
+    assert report["pieces_added_by_scripts"] == report["pieces_added_as_case_variants"] == 0
+    # ... which cuts unseen Japanese and Korean into single characters
+    assert _pieces(tok, UNSEEN_JA) != _pieces(full, UNSEEN_JA)
+    assert _pieces(tok, UNSEEN_KO)[:4] == ["▁오", "늘", "▁저", "녁"]
+
+
+def test_partial_budgets_keep_the_best_scored_pieces_and_case_variants(tiny8):
+    model, tok = tiny8()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    cfg = ModelConfig(**dict(NO_SCRIPTS, trim_keep_kana=100, trim_keep_case_variants=True))
+    model, small, report = trim_vocabulary(model, tok, ["heavy rain"], model_cfg=cfg)
+    scripts = backbone._piece_scripts(spec)
+    kana = sorted((-s, p) for (p, s), script in zip(spec["model"]["vocab"], scripts) if script == "kana")
+    vocab = small.get_vocab()
+    assert all(p in vocab for _, p in kana[:100]) and not any(p in vocab for _, p in kana[100:])
+    assert report["pieces_kept_per_script"]["kana"] == 100 and report["keep_per_script"]["kana"] == 100
+    # "▁Heavy" and "▁Rain" come with the corpus's "▁heavy" and "▁rain" (XLM-R has no "▁HEAVY")
+    assert {"▁heavy", "▁Heavy", "▁rain", "▁Rain"} <= set(vocab)
+    assert report["pieces_added_as_case_variants"] == 2
+    assert _pieces(small, "Heavy Rain") == _pieces(tok, "Heavy Rain") == ["▁Heavy", "▁Rain"]
+    assert model.get_input_embeddings().weight.shape[0] == len(small)
+
+
+@pytest.mark.parametrize("piece, script", [
+    ("▁무료", "hangul"), ("ください", "kana"), ("受け取", "kana"), ("明日", "han"), ("人々", "han"),
+    ("▁free", "latin"), ("xxx", "latin"), ("!!", "symbols"), ("。」", "symbols"), ("▁2023年", None),
+    ("▁10", None), ("a", None), ("▁가", None), ("▁iPhone", "latin"), ("Aé", "latin"), ("▁ok.", None),
+    ("ों", None), ("▁Москва", None),
+])
+def test_piece_script(piece, script):
+    assert backbone.piece_script(piece) == script
+
+
+def test_trim_report_files_are_measured_per_language_and_checked(tmp_path, tiny8):
+    jsonl = tmp_path / "ood.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t, "label": 1}, ensure_ascii=False)
+                               for t in (UNSEEN_JA, UNSEEN_KO, "see you tomorrow")) + "\n\n", encoding="utf-8")
+    csv_file = tmp_path / "ood.csv"
+    csv_file.write_text("id,text\n1,周末一起去爬山吗？\n2,\"hello, world\"\n", encoding="utf-8")
+    cfg = ModelConfig(**dict(NO_SCRIPTS, trim_report_files=[str(jsonl), str(csv_file)]))
+    model, tok = tiny8()
+    _, _, report = trim_vocabulary(model, tok, TRAIN_TEXTS, model_cfg=cfg)
+    by_file = report["report_files_resegmented"]
+    assert by_file[str(jsonl)]["ja"] == {"messages": 1, "resegmented": 1, "resegmented_share": 1.0}
+    assert by_file[str(jsonl)]["ko"]["resegmented"] == 1 and by_file[str(jsonl)]["en"]["messages"] == 1
+    assert by_file[str(jsonl)]["zh"] == {"messages": 0, "resegmented": 0, "resegmented_share": None}
+    assert by_file[str(csv_file)]["zh"]["messages"] == by_file[str(csv_file)]["en"]["messages"] == 1
+
+    for bad, message in (([str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+                         ([str(tmp_path / "ood.txt")], "ood.txt does not exist")):
+        with pytest.raises(BackboneError, match=message):
+            trim_vocabulary(model, tok, TRAIN_TEXTS, model_cfg=ModelConfig(trim_report_files=bad))
+    (tmp_path / "notext.csv").write_text("id,body\n1,x\n", encoding="utf-8")
+    with pytest.raises(BackboneError, match="no 'text' column"):
+        backbone.read_reference_texts(tmp_path / "notext.csv")
+    with pytest.raises(BackboneError, match="model.trim_keep_latin must be -1"):
+        trim_vocabulary(model, tok, TRAIN_TEXTS, model_cfg=ModelConfig(trim_keep_latin=-2))
+
+
+def test_shipped_reference_text_covers_the_served_languages():
+    from serving.text import language_tag, normalize
+
+    texts = backbone.read_reference_texts(backbone.REFERENCE_FILE)
+    tags = [language_tag(normalize(t, mask_digits=True)) for t in texts]
+    assert all(30 <= tags.count(lang) <= 60 for lang in ("zh", "ja", "ko", "en"))
+    assert not set(texts) & set(TRAIN_TEXTS + HELDOUT_TEXTS)
+
+
 # ------------------------------------------------------------------------------------------ e5-small
 
 

@@ -75,14 +75,14 @@ class ModelConfig:
     # trim_vocab also keeps the best-scored multi-character pieces of each served script, whatever the
     # corpora use, so unseen text keeps its pretraining segmentation (training/backbone.py
     # `_script_ids`): how many per script, -1 = all of them, 0 = none (the corpora's pieces only).
-    # han/kana/hangul -1: every CJK piece (12.5k beyond the default corpora's, ~4.8 MB int8) keeps every
-    # zh/ja/ko reference message's segmentation; latin 0: XLM-R's Latin pieces ranked by score are mostly
-    # other languages' (20k of them change no English reference message); symbols: "!!", "://", "。」"...
-    trim_keep_han: int = -1  # CJK ideographs only (9,414 pieces in XLM-R)
-    trim_keep_kana: int = -1  # containing hiragana/katakana, with or without ideographs (3,247)
+    # han/kana/hangul -1: every CJK piece (7.3k beyond the default corpora's, ~2.8 MB int8 at hidden 384):
+    # no zh/ja/ko reference message is segmented differently (before: 36/55/43%). latin 0: XLM-R scores
+    # Latin pieces over dozens of languages; its best 20k (+5 MB int8) change no reference message.
+    trim_keep_han: int = -1  # CJK ideographs only (9,419 pieces in XLM-R)
+    trim_keep_kana: int = -1  # with hiragana/katakana, with or without ideographs (3,255)
     trim_keep_hangul: int = -1  # Hangul only (3,269)
     trim_keep_latin: int = 0  # Latin letters only (108,120)
-    trim_keep_symbols: int = -1  # punctuation and symbols only (320)
+    trim_keep_symbols: int = -1  # punctuation and symbols only: "!!", "://", "。」" (318)
     # keep the lower/Capitalised/UPPER forms of every kept Latin piece ("▁Heavy" of "▁heavy", "▁FREE"):
     # sentence starts and spam's capitals (+3.1k pieces, ~1.2 MB int8, on the default corpora)
     trim_keep_case_variants: bool = True
