@@ -442,6 +442,14 @@ def int8_recipes(fp32_path: Path, num_layers: int) -> list[dict]:
         {"name": "per_channel_reduce_range", "method": "dynamic", "per_channel": True, "reduce_range": True},
     ]
     if ffn:
+        layers = sorted(ffn)
+        # fp32 for the lowest one or two layers' projections first: ~1.8 MB each with e5-small, where the
+        # lower half of 8 layers costs ~7 MB (the int8 bundle has a 40 MB budget)
+        recipes += [
+            {"name": f"fp32_ffn_out_lower_{k}", "method": "dynamic", "per_channel": True, "reduce_range": False,
+             "nodes_to_exclude": [n for layer in layers[:k] for n in ffn[layer]]}
+            for k in (1, 2) if k < (len(ffn) + 1) // 2
+        ]
         recipes += [
             {"name": "fp32_ffn_out_lower_half", "method": "dynamic", "per_channel": True, "reduce_range": False,
              "nodes_to_exclude": lower},
