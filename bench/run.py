@@ -4,8 +4,8 @@
     python -m bench.run --run <run id> --bundle bundles/x --only quality,speed
     python -m bench.run --quick --only size               # small samples (tests, a first look)
 
-Figures: quality, speed_engines, speed_server, speed_training, size (`--only speed` = the three speed
-figures). Each runs as `python -m bench.run --figure NAME ...` in a fresh process, so one figure's
+Figures: quality, speed_engines, speed_server, speed_training, size, feedback (`--only speed` = the three
+speed figures). Each runs as `python -m bench.run --figure NAME ...` in a fresh process, so one figure's
 threads, caches and memory cannot skew another's, and writes bench/results/NAME.json (machine, versions,
 date, inputs, the command that reproduces it, the numbers). BENCHMARKS.md is then rebuilt from every JSON
 file there; it is generated, never edited by hand.
@@ -37,6 +37,7 @@ FIGURES = {  # name -> module; also the order of BENCHMARKS.md
     "speed_server": "bench.server_load",
     "speed_training": "bench.training_speed",
     "size": "bench.size",
+    "feedback": "bench.feedback",
     "ood": "bench.ood",
 }
 # A plain `make bench` measures these; `ood` trains its folds' models, so it runs on its own (`make ood`).
@@ -162,7 +163,9 @@ def run_all(figures: list[str], args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "bench.run", "--config", args.config, "--threads", str(args.threads),
             "--results", str(results), "--seed", str(args.seed), "--protocols", args.protocols,
             "--folds", args.folds]
-    if inputs.run_ref:
+    if inputs.model_dir is not None:  # resolved once: a model dir from another store needs no lookup again
+        base += ["--run", str(inputs.model_dir)]
+    elif inputs.run_ref:
         base += ["--run", inputs.run_ref]
     if inputs.bundle_dir:
         base += ["--bundle", str(inputs.bundle_dir)]

@@ -33,7 +33,7 @@ def test_repository_configs_load():
     assert set(default.data.corpora) == {"uci_sms", "zh_sms", "spamassassin", "enron", "cjk_seed", "licensed_ham",
                                          "zh_fraud"}
     assert default.model.pooling == "mean" and default.train.linear_probe
-    assert set(default.ood.folds) == {"zh_sms", "email", "spamassassin", "cjk_seed"}
+    assert set(default.ood.folds) == {"zh_sms", "email", "spamassassin", "cjk_seed", "seeded"}
     previous = load_config("configs/previous-default.yaml")
     assert not previous.data.corpora["cjk_seed"].enabled and previous.model.pooling == "cls"
     assert isinstance(default.data.corpora["enron"], CorpusConfig) and default.data.corpora["enron"].cap == 10000

@@ -358,9 +358,11 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
         if only and name not in only:
             continue
         bad = sorted(set(fold.exclude) - known) or sorted(set(fold.test_sources) - known)
-        if bad or not fold.exclude:
+        # a fold that excludes nothing is the same-budget reference of the others (it must score files)
+        if bad or not (fold.exclude or fold.test_files):
             raise OodError(f"ood.folds.{name}: " + (f"unknown source(s) {', '.join(bad)} (sources: "
-                           f"{', '.join(sorted(known))})" if bad else "exclude names no source"))
+                           f"{', '.join(sorted(known))})" if bad else "exclude names no source and no "
+                           "test_files are given"))
         t0 = time.perf_counter()
         fold_cfg = with_overrides(cfg, [
             *base_overrides, *cfg.ood.fold_overrides,
@@ -369,7 +371,8 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
             f"tracking.experiment={cfg.tracking.experiment}-ood", f"tracking.run_name=ood-{name}",
             "tracking.register_as=", "train.resume=false",
         ])
-        print(f"\n[loco {name}] training without {', '.join(fold.exclude)}", flush=True)
+        print(f"\n[loco {name}] training without {', '.join(fold.exclude) or 'nothing (the reference fold)'}",
+              flush=True)
         model_dir = train(fold_cfg).model_dir
         base = run_baseline(fold_cfg, capped=True, out_dir=resolve_path(fold_cfg.train.output_dir) / "baseline")
         scorers = {"model": model_dir_scorer(model_dir, cfg.eval.batch_size),
