@@ -15,7 +15,7 @@ TEXT ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train eval baseline export register serve predict compare bench ood mlflow-ui test test-all clean
+.PHONY: help setup data train eval baseline export register serve predict feedback compare bench ood mlflow-ui test test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ serve: $(STAMP) ## serve BUNDLE (default: newest bundle) on 127.0.0.1:PORT
 
 predict: $(STAMP) ## classify TEXT="..." (or lines on stdin) through the server on PORT
 	$(if $(TEXT),echo "$(TEXT)" | )$(VENV)/bin/spamlingo-predict --url http://127.0.0.1:$(PORT)
+
+feedback: $(STAMP) ## feedback reports by label, language and day, and disagreements (ARGS="--db URL" or "--json")
+	$(PY) -m serving.feedback stats $(ARGS)
 
 compare: $(STAMP) ## table + chart of MLflow runs side by side (ARGS="--experiment spamlingo --runs id1,id2")
 	$(PY) -m training.compare $(ARGS)

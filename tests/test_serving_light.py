@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["serving.server", "serving.client", "serving.inference", "serving.bundle", "serving.text"]
+MODULES = ["serving.server", "serving.client", "serving.inference", "serving.bundle", "serving.text",
+           "serving.feedback"]
 # What `pip install spamlingo[serve]` provides (pyproject's `serve` extra) and what those bring with them
 # that serving uses directly (pydantic: FastAPI's models; starlette: FastAPI's base; yaml: a base dependency).
 ALLOWED = {"numpy", "yaml", "onnxruntime", "tokenizers", "fastapi", "starlette", "pydantic", "uvicorn",
-           "prometheus_client", "serving"}
+           "prometheus_client", "sqlalchemy", "serving"}
 
 # Imports everything, loads the bundle, opens the ONNX Runtime session (as `spamlingo-serve` does), builds
 # the app and sends one request through it in process; prints the heavy modules that got imported.
@@ -29,7 +30,7 @@ if BLOCK:
             if name.split(".")[0] in ("torch", "transformers"):
                 raise ImportError(f"{name} is blocked: serving must not need it")
     sys.meta_path.insert(0, Blocker())
-import serving.server, serving.client, serving.inference, serving.bundle, serving.text
+import serving.server, serving.client, serving.inference, serving.bundle, serving.text, serving.feedback
 import httpx
 from serving.server import ServerSettings, create_app, load_model
 
