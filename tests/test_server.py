@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,9 +71,12 @@ class Server:
 
 
 def start_server(bundle: Path, log_dir: Path, *flags: str, env: dict | None = None, timeout: float = 90) -> Server:
-    """`python -m serving.server` on a free port; returns once /readyz says 200."""
+    """`python -m serving.server` on a free port; returns once /readyz says 200. Its feedback store is a
+    SQLite file in `log_dir` unless the flags name one."""
     port = _free_port()
     log = log_dir / f"server-{port}.log"
+    if "--feedback-db" not in flags:
+        flags = (*flags, "--feedback-db", f"sqlite:///{log_dir / 'feedback.db'}")
     cmd = [PY, "-m", "serving.server", "--bundle", str(bundle), "--port", str(port), "--threads", "1",
            "--log-level", "warning", *flags]
     with open(log, "wb") as out:
@@ -210,6 +214,12 @@ BAD = [
     ("too_many_texts", json.dumps({"texts": ["x"] * 65}).encode(), 413, "too_many_texts"),
     ("text_too_long", json.dumps({"texts": ["ok", "y" * 5001]}).encode(), 413, "text_too_long"),
     ("body_too_large", json.dumps({"texts": ["z" * 70_000]}).encode(), 413, "body_too_large"),
+    # Python's int-string limit raises ValueError inside the JSON parser (it was a 500)
+    ("huge_integer", b'{"texts": ["a"], "x": ' + b"9" * 5000 + b"}", 400, "invalid_json"),
+    ("huge_integer_in_texts", b'{"texts": [' + b"1" * 4301 + b"]}", 400, "invalid_json"),
+    ("deep_nesting", b'{"texts": ["a"], "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, "invalid_json"),
+    ("utf8_bom", b'\xef\xbb\xbf{"texts": ["a"]}', 400, "invalid_json"),
+    ("utf16", '{"texts": ["a"]}'.encode("utf-16"), 400, "invalid_utf8"),
 ]
 
 
@@ -610,3 +620,319 @@ def test_client_says_clearly_when_the_server_is_unreachable_or_refuses(auth_serv
     assert p.returncode == 2 and "401" in p.stderr and "unauthorized" in p.stderr
     p = _predict_cli("--url", auth_server.url, "--text", "hi", "--api-key", KEY)
     assert p.returncode == 0 and p.stdout.count("\t") == 3
+
+
+# ------------------------------------------------------------------------------------------ hostile bytes
+
+ADMIN = "admin-s3cret"
+
+
+@pytest.fixture(scope="module")
+def raw_server(tiny_bundle, tmp_path_factory):
+    """A server for raw-socket abuse: a short --read-timeout (slowloris), a body limit that lets 50,000-deep
+    nesting through to the JSON parser, and the admin endpoint on."""
+    s = start_server(tiny_bundle, tmp_path_factory.mktemp("raw"), "--read-timeout", "2", "--max-body-bytes",
+                     "262144", "--admin-key", ADMIN)
+    yield s
+    s.stop()
+
+
+def _port(server: Server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _request(path: str, body: bytes, *headers: str, length: int | None = None) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+            f"Content-Length: {len(body) if length is None else length}", "Connection: close", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _raw(server: Server, data: bytes, timeout: float = 10) -> tuple[int, bytes, float]:
+    """Send bytes on a fresh socket, read until the server closes it: (status, body, seconds)."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", _port(server)), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it answered and closed before taking it all (413 on the declared length)
+        buf = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    seconds = time.perf_counter() - t0
+    assert buf.startswith(b"HTTP/1.1 "), buf[:200]
+    head, _, body = buf.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body, seconds
+
+
+HOSTILE = [
+    # (name, path, body or raw request, status, error kind)
+    ("huge_integer", "/v1/classify", b'{"texts": ["a"], "x": ' + b"9" * 5000 + b"}", 400, "invalid_json"),
+    ("huge_integer_feedback", "/v1/feedback", b'{"text": "a", "label": "spam", "n": ' + b"9" * 5000 + b"}", 400,
+     "invalid_json"),
+    ("huge_integer_reload", "/admin/reload", b'{"bundle": ' + b"9" * 5000 + b"}", 400, "invalid_json"),
+    ("invalid_utf8", "/v1/classify", b'{"texts": ["\xc3\x28 \xff\xfe"]}', 400, "invalid_utf8"),
+    ("lone_surrogate", "/v1/classify", b'{"texts": ["ok", "\\udfff"]}', 400, "invalid_unicode"),
+    ("deep_nesting_50000", "/v1/classify", b'{"texts": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400,
+     "invalid_json"),
+    ("deep_nesting_feedback", "/v1/feedback", b"[" * 50_000 + b"]" * 50_000, 400, "invalid_json"),
+    ("utf8_bom", "/v1/classify", b'\xef\xbb\xbf{"texts": ["a"]}', 400, "invalid_json"),
+    ("utf16", "/v1/classify", '{"texts": ["a"]}'.encode("utf-16"), 400, "invalid_utf8"),
+    # UTF-16LE without a BOM: ASCII text becomes valid UTF-8 with NUL bytes between, which is not JSON
+    ("utf16le_feedback", "/v1/feedback", '{"text": "a", "label": "spam"}'.encode("utf-16-le"), 400, "invalid_json"),
+    ("wrong_types", "/v1/classify", b'{"texts": {"a": 1}}', 422, "invalid_request"),
+    ("wrong_types_feedback", "/v1/feedback", b'{"text": 1, "label": true}', 422, "invalid_request"),
+    ("wrong_types_reload", "/admin/reload", b'{"bundle": ["x"]}', 422, "invalid_request"),
+    ("oversize_declared", "/v1/classify", _request("/v1/classify", b'{"texts": ["' + b"a" * 1000,
+                                                   length=10_000_000), 413, "body_too_large"),
+    ("oversize_sent", "/v1/feedback", b'{"text": "' + b"a" * 300_000 + b'", "label": "spam"}', 413, "body_too_large"),
+    ("bad_content_length", "/v1/classify", _request("/v1/classify", b"{}", length=None).replace(
+        b"Content-Length: 2", b"Content-Length: 2x"), 400, None),
+    ("not_http", "/", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 hello\r\n\r\n", 400, None),
+    # slowloris: a request line and half the headers, then nothing; a declared body that never comes
+    ("slowloris_headers", "/v1/classify", b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty", 408,
+     "request_timeout"),
+    ("slowloris_body", "/v1/classify", _request("/v1/classify", b'{"texts": ["a', length=500), 408,
+     "request_timeout"),
+]
+
+
+def test_raw_socket_hostile_requests_get_a_4xx_and_the_server_keeps_serving(raw_server):
+    """Bytes on a socket, no HTTP client: each is answered 4xx (ours in the error shape, uvicorn's own 400
+    for what is not HTTP), slow requests within the --read-timeout bound, and afterwards /healthz and a
+    normal classify still answer."""
+    auth = f"Authorization: Bearer {ADMIN}"
+    for name, path, body, status, kind in HOSTILE:
+        data = body if body.startswith((b"POST ", b"\x16")) else _request(path, body, auth)
+        got, payload, seconds = _raw(raw_server, data)
+        assert got == status, (name, got, payload[:300])
+        if kind is not None:
+            assert json.loads(payload)["error"]["kind"] == kind, (name, payload[:300])
+        if name.startswith("slowloris"):
+            assert 1.5 < seconds < 6, (name, seconds)  # --read-timeout 2
+        else:
+            assert seconds < 5, (name, seconds)
+        assert httpx.get(raw_server.url + "/healthz", timeout=10).status_code == 200, name
+    r = httpx.post(raw_server.url + "/v1/classify", json={"texts": ["still serving?", "恭喜您中奖了"]}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    m = _scrape(raw_server.url)
+    assert m[("spamlingo_errors_total", (("kind", "request_timeout"),))] == 2
+    assert m.get(("spamlingo_errors_total", (("kind", "internal"),)), 0) == 0
+
+
+def test_idle_connection_is_closed_after_the_read_timeout(raw_server):
+    """A connection that sends nothing at all is not kept open forever either (408, then closed)."""
+    status, payload, seconds = _raw(raw_server, b"")
+    assert status == 408 and 1.5 < seconds < 6
+
+
+# ------------------------------------------------------------------------------------------ hot reload
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_bundle, tmp_path_factory):
+    """A second bundle: the tiny one with a doc string in its graphs (another sha256, the same predictions)
+    and its threshold moved (0.5 -> 0.55), re-checksummed."""
+    from bench.feedback import twin_bundle
+
+    d = twin_bundle(tiny_bundle, tmp_path_factory.mktemp("twin") / "tiny-twin")
+    load_bundle(d)  # verifies
+    return d
+
+
+def _served_sha(bundle: Path) -> str:
+    b = load_bundle(bundle)
+    return b.manifest["files"][b.models[_variant(bundle)]]["sha256"][:16]
+
+
+def test_hot_reload_under_load_fails_no_request(tiny_bundle, twin, tmp_path, classifier, tol):
+    """Classify requests 8 at a time (at least 300) while the bundle is swapped back and forth: POST
+    /admin/reload to the twin, SIGHUP back to the directory the server started with. Every request is
+    answered 200; each response's `model` names the bundle whose threshold its results used, so no
+    response mixes models; both sha256 are seen; the swaps are counted in /metrics."""
+    s = start_server(tiny_bundle, tmp_path, "--admin-key", ADMIN)
+    a, b = _served_sha(tiny_bundle), _served_sha(twin)
+    thresholds = {a: load_bundle(tiny_bundle).threshold, b: load_bundle(twin).threshold}
+    assert a != b and thresholds[a] != thresholds[b]
+    want = dict(zip(TEXTS[:7], classifier.classify(TEXTS[:7])))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    responses: list = []
+    swaps: list = []
+
+    async def go():
+        done = asyncio.Event()
+        async with httpx.AsyncClient(base_url=s.url, timeout=60, limits=httpx.Limits(max_connections=12)) as c:
+            async def worker(k: int):
+                i = 0
+                while (len(responses) < 300 or not done.is_set()) and len(responses) < 5000:
+                    texts = [TEXTS[(k + i) % 7], TEXTS[(k + i + 3) % 7]]
+                    i += 1
+                    try:
+                        r = await c.post("/v1/classify", json={"texts": texts})
+                    except httpx.TransportError as e:
+                        r = e
+                    responses.append((texts, r))
+
+            async def swapper():
+                for _ in range(2):
+                    r = await c.post("/admin/reload", json={"bundle": str(twin)}, headers=admin)
+                    swaps.append(("http", r.status_code, r.json()))
+                    s.proc.send_signal(signal.SIGHUP)  # back to the bundle it was started with
+                    for _ in range(500):
+                        await asyncio.sleep(0.02)
+                        if (await c.get("/readyz")).json()["model"]["sha256"] == a:
+                            break
+                    swaps.append(("sighup", 200, None))
+                    await asyncio.sleep(0.05)
+                done.set()
+
+            await asyncio.gather(swapper(), *[worker(k) for k in range(8)])
+
+    try:
+        asyncio.run(go())
+        m = _scrape(s.url)
+    finally:
+        s.stop()
+    codes = [getattr(r, "status_code", type(r).__name__) for _, r in responses]
+    assert codes.count(200) == len(responses) >= 300, {c: codes.count(c) for c in set(codes)}
+    seen = {}
+    for texts, r in responses:
+        body = r.json()
+        sha = body["model"]["sha256"]
+        seen[sha] = seen.get(sha, 0) + 1
+        assert body["model"]["threshold"] == thresholds[sha]
+        assert len(body["results"]) == 2
+        for t, got in zip(texts, body["results"]):
+            assert got["threshold"] == thresholds[sha]  # the results came from the model the response names
+            assert got["spam_probability"] == pytest.approx(want[t]["spam_probability"], abs=tol)
+            assert got["label"] == ("spam" if got["spam_probability"] >= thresholds[sha] else "ham")
+    assert set(seen) == {a, b}, seen
+    assert [x[:2] for x in swaps] == [("http", 200), ("sighup", 200)] * 2
+    assert all(x[2]["changed"] and x[2]["model"]["sha256"] == b and x[2]["previous"]["sha256"] == a
+               for x in swaps if x[0] == "http")
+    assert m[("spamlingo_reloads_total", (("result", "success"), ("trigger", "http")))] == 2
+    assert m[("spamlingo_reloads_total", (("result", "success"), ("trigger", "sighup")))] == 2
+    info = {k: v for k, v in m.items() if k[0] == "spamlingo_bundle_info"}
+    assert list(info.values()) == [1.0] and dict(next(iter(info))[1])["sha256"] == a
+
+
+def _flip_byte(path: Path, offset: int = 200) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        c = f.read(1)
+        f.seek(offset)
+        f.write(bytes([c[0] ^ 0xFF]))
+
+
+def test_a_bad_bundle_is_refused_and_the_old_one_keeps_serving(tiny_bundle, tmp_path):
+    served = Path(shutil.copytree(tiny_bundle, tmp_path / "served"))
+    corrupt = Path(shutil.copytree(tiny_bundle, tmp_path / "corrupt"))
+    model_file = load_bundle(tiny_bundle).models[_variant(tiny_bundle)]
+    _flip_byte(corrupt / model_file)
+    s = start_server(served, tmp_path, "--admin-key", ADMIN)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    try:
+        sha = httpx.get(s.url + "/readyz").json()["model"]["sha256"]
+
+        def still_serving():
+            r = httpx.post(s.url + "/v1/classify", json={"texts": ["free money"]}, timeout=30)
+            assert r.status_code == 200 and r.json()["model"]["sha256"] == sha
+
+        r = httpx.post(s.url + "/admin/reload", json={"bundle": str(corrupt)}, headers=admin, timeout=60)
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["kind"] == "invalid_bundle" and f"checksum mismatch for {model_file}" in err["message"]
+        assert sha in err["message"]  # says what still serves
+        still_serving()
+        r = httpx.post(s.url + "/admin/reload", json={"bundle": str(tmp_path / "nope")}, headers=admin, timeout=60)
+        assert r.status_code == 422 and "not found" in r.json()["error"]["message"]
+        # keys: none, wrong, the API key's place; bodies: unknown fields
+        assert httpx.post(s.url + "/admin/reload").status_code == 401
+        assert httpx.post(s.url + "/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = httpx.post(s.url + "/admin/reload", json={"bundel": "x"}, headers=admin)
+        assert r.status_code == 422 and "bundel" in r.json()["error"]["message"]
+        # SIGHUP re-reads the directory the server started with: corrupted in place, it is refused too
+        _flip_byte(served / model_file)
+        s.proc.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            m = _scrape(s.url)
+            if m.get(("spamlingo_reloads_total", (("result", "failure"), ("trigger", "sighup")))):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the SIGHUP reload never finished")
+        still_serving()
+        log = s.log.read_text()
+        assert "SIGHUP reload: bundle refused" in log and f"checksum mismatch for {model_file}" in log
+        assert m[("spamlingo_reloads_total", (("result", "failure"), ("trigger", "http")))] == 2
+        info = [dict(k[1]) for k, v in m.items() if k[0] == "spamlingo_bundle_info" and v == 1]
+        assert [i["sha256"] for i in info] == [sha]
+        # repaired: the next SIGHUP takes it
+        _flip_byte(served / model_file)
+        r = httpx.post(s.url + "/admin/reload", headers=admin, timeout=60)  # no body: the started directory
+        assert r.status_code == 200 and r.json()["model"]["sha256"] == sha and r.json()["changed"] is False
+        assert s.proc.poll() is None
+    finally:
+        s.stop()
+
+
+def test_reload_endpoint_is_403_without_an_admin_key(server):
+    r = httpx.post(server.url + "/admin/reload", json={"bundle": "x"})
+    assert r.status_code == 403
+    err = r.json()["error"]
+    assert err["kind"] == "admin_disabled" and "--admin-key" in err["message"]
+    assert "/admin/reload" not in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+def test_a_swap_never_splits_a_request_between_two_models(tiny_bundle):
+    """In process, with stand-in models whose batches take 20 ms: requests of 10 texts go in batches of 4
+    (each spans three batches) while a reload swaps A for B. Every response is wholly A's or wholly B's,
+    named so in its `model`, both occur, and nothing fails."""
+    def model(p: float, delay: float = 0.02):
+        def predict(texts):
+            time.sleep(delay)
+            return [{"label": "spam" if p >= 0.5 else "ham", "spam_probability": p, "threshold": 0.5,
+                     "threshold_scope": "global", "lang": "en", "truncated": False} for _ in texts]
+        return predict
+
+    info = {"bundle": "a", "variant": "fp32", "sha256": "a" * 16, "threshold": 0.5}
+    info_b = {**info, "bundle": "b", "sha256": "b" * 16}
+    loads = []
+
+    def loader(bundle):
+        loads.append(bundle)
+        return model(0.9), info_b
+
+    app = create_app(ServerSettings(max_batch=4, max_wait_ms=0), model(0.1), info, loader=loader)
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            while not app.state.batcher.ready:
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                async def one(i):
+                    await asyncio.sleep(0.01 * i)
+                    return await c.post("/v1/classify", json={"texts": [f"t{i}-{k}" for k in range(10)]})
+
+                tasks = [asyncio.create_task(one(i)) for i in range(12)]
+                await asyncio.sleep(0.05)
+                swapped = await app.state.reload("b-dir", "http")
+                return swapped, await asyncio.gather(*tasks)
+
+    swapped, responses = asyncio.run(go())
+    assert loads == ["b-dir"] and swapped["model"]["bundle"] == "b"
+    kinds = []
+    for r in responses:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        probs = {x["spam_probability"] for x in body["results"]}
+        assert len(body["results"]) == 10 and len(probs) == 1
+        assert (probs.pop(), body["model"]["bundle"]) in {(0.1, "a"), (0.9, "b")}
+        kinds.append(body["model"]["bundle"])
+    assert "a" in kinds and "b" in kinds
+    assert kinds == sorted(kinds)  # requests queued after the swap never go back to the old model
