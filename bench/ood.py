@@ -12,12 +12,12 @@ from bench.inputs import BenchError, Inputs, resolve_bundle
 
 TITLE = "Out-of-distribution quality: the model vs the TF-IDF baseline on traffic neither trained on"
 NEEDS = ("model",)
-OPTIONS = ("protocols", "folds")
+OPTIONS = ("protocols", "folds", "bundle")
 TOP_LEVEL = ("protocols",)  # ood.json: protocols[].name, protocols[].scopes[]... at the top of the file
 
 
 def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, protocols: str = "",
-            folds: str = "") -> dict:
+            folds: str = "", bundle: str | None = None) -> dict:
     from training import ood
 
     # The --config's ood section and recipe (the folds train it); the run is scored on its own test split.
@@ -27,9 +27,11 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, protocols:
         cfg.ood.evasion_spam_rows, cfg.ood.evasion_ham_rows = 40, 80
         if not protocols:
             names = [p for p in names if p != "loco"]  # --quick trains nothing
-    try:
-        bundle_dir, _ = resolve_bundle(None, inputs.cfg, inputs.model_dir, inputs.meta)
+    try:  # --bundle, else the newest bundle exported from the run, else the PyTorch model directory
+        bundle_dir, _ = resolve_bundle(bundle, inputs.cfg, inputs.model_dir, inputs.meta)
     except BenchError:
+        if bundle:
+            raise
         bundle_dir = None
     try:
         result = ood.run(cfg, inputs.model_dir, bundle_dir, names, threads,
@@ -44,3 +46,18 @@ def render(result: dict) -> str:
     from training import ood
 
     return ood.render(result)
+
+
+def merge(previous: dict, record: dict) -> dict:
+    """`make ood ARGS="--protocols X"` refreshes protocol X and keeps the other protocols of the previous
+    ood.json when they were measured for the same model run (each protocol says when it was measured)."""
+    same = (previous.get("inputs") or {}).get("run_id") == (record.get("inputs") or {}).get("run_id")
+    if not same or not record["inputs"].get("run_id"):
+        return record
+    fresh = {p["name"] for p in record["protocols"]}
+    kept = [p for p in previous.get("protocols", []) if p["name"] not in fresh]
+    for p in kept:
+        p.setdefault("measured", previous.get("date"))
+    order = {name: i for i, name in enumerate(("unseen_ham", "eval_sets", "evasion", "loco"))}
+    record["protocols"] = sorted(kept + record["protocols"], key=lambda p: order.get(p["name"], len(order)))
+    return record

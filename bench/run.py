@@ -119,6 +119,12 @@ def run_figure(figure: str, args: argparse.Namespace) -> Path:
     }
     for key in getattr(mod, "TOP_LEVEL", ()):  # keys a figure's readers expect at the top of its file
         record[key] = result.pop(key)
+    previous = _path(args.results) / f"{figure}.json"
+    if hasattr(mod, "merge") and previous.is_file():  # a figure measured in parts keeps its other parts
+        try:
+            record = mod.merge(json.loads(previous.read_text(encoding="utf-8")), record)
+        except ValueError:
+            print(f"warning: {rel(previous)} is not valid JSON: replaced", file=sys.stderr)
     out_dir = _path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"{figure}.json.tmp"
@@ -169,6 +175,8 @@ def run_all(figures: list[str], args: argparse.Namespace) -> int:
         base += ["--run", inputs.run_ref]
     if inputs.bundle_dir:
         base += ["--bundle", str(inputs.bundle_dir)]
+    elif args.bundle:  # a figure that resolves its bundle itself (ood) still gets the one asked for
+        base += ["--bundle", args.bundle]
     if args.quick:
         base.append("--quick")
     print(f"bench: run {inputs.run_ref or '—'}, bundle {rel(inputs.bundle_dir) if inputs.bundle_dir else '—'}, "

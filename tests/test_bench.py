@@ -200,3 +200,43 @@ def test_quality_reads_the_training_runs_logged_metrics(tmp_path, monkeypatch, t
     assert after.data.metrics["serve/p50_ms"] == 12.5 and after.info.status == "FINISHED"
     assert log_to_run(Inputs(cfg, model_dir, {**meta, "mlflow_run_id": "0" * 32}), {"serve/p50_ms": 1.0}) is None
     mlflow.set_tracking_uri(None)
+
+
+def test_ood_figure_writes_protocols_at_the_top_of_ood_json(tmp_path, tiny_model_dir, tiny_bundle):
+    """make ood (bench.run --only ood) on the tiny model and bundle: one protocol, a baseline trained on the
+    config's (smoke) data in a store of its own, ood.json with the keys its readers use, and its report."""
+    ham = tmp_path / "ham.jsonl"
+    ham.write_text("".join(json.dumps({"text": t, "label": "ham"}, ensure_ascii=False) + "\n" for t in
+                           ["明天的会议改到下午三点", "내일 몇 시에 만날까요?", "明日は何時に集合しますか",
+                            "Are we still meeting for lunch?"]), encoding="utf-8")
+    cfg = tmp_path / "ood.yaml"
+    cfg.write_text(f"inherit: {ROOT / 'configs' / 'smoke.yaml'}\ndata:\n  output_dir: {tmp_path / 'data'}\n"
+                   f"  corpora:\n    cjk_seed: {{enabled: false}}\n    licensed_ham: {{enabled: false}}\n"
+                   f"train:\n  output_dir: {tmp_path / 'run'}\nood:\n  unseen_ham: [{ham}]\n", encoding="utf-8")
+    proc = _bench("--config", str(cfg), "--run", str(tiny_model_dir), "--bundle", str(tiny_bundle), "--only", "ood",
+                  "--protocols", "unseen_ham", "--threads", "1", "--results", str(tmp_path / "results"),
+                  "--markdown", str(tmp_path / "BENCH.md"), env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads((tmp_path / "results" / "ood.json").read_text(encoding="utf-8"))
+    (proto,) = rec["protocols"]
+    assert proto["name"] == "unseen_ham" and "protocols" not in rec["result"]
+    overall = proto["scopes"][0]
+    assert overall["scope"] == "overall" and overall["rows"] == 4 and overall["spam"] == 0
+    assert set(overall["model"]) >= {"f1", "roc_auc", "recall", "fpr"} and set(overall["baseline"]) >= {"fpr"}
+    assert rec["result"]["model"].startswith("bundle tiny")  # scored through the bundle, as served
+    assert "--protocols unseen_ham" in rec["command"]
+    md = (tmp_path / "BENCH.md").read_text(encoding="utf-8")
+    assert "Out-of-distribution quality" in md and "| lang:ko | 1 |" in md
+
+
+def test_a_partial_ood_rerun_keeps_the_other_protocols_of_the_same_run():
+    from bench.ood import merge
+
+    old = {"date": "then", "inputs": {"run_id": "r1"}, "protocols": [{"name": "loco", "scopes": []},
+                                                                      {"name": "evasion", "scopes": ["old"]}]}
+    new = {"inputs": {"run_id": "r1"}, "protocols": [{"name": "evasion", "scopes": ["new"]}]}
+    merged = merge(old, new)
+    assert [p["name"] for p in merged["protocols"]] == ["evasion", "loco"]
+    assert merged["protocols"][0]["scopes"] == ["new"] and merged["protocols"][1]["measured"] == "then"
+    other = {"inputs": {"run_id": "r2"}, "protocols": [{"name": "evasion", "scopes": []}]}
+    assert [p["name"] for p in merge(old, other)["protocols"]] == ["evasion"]  # another run: nothing kept

@@ -434,10 +434,12 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
             else:
                 result = {"unseen_ham": unseen_ham, "eval_sets": eval_sets}[name](cfg, scorers)
             result["seconds"] = round(time.perf_counter() - t0, 1)
+            result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             out["protocols"].append(result)
             print(render_protocol(result), flush=True)
     if "loco" in protocols:
         result = loco(cfg, base_overrides, folds)
+        result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         out["protocols"].append(result)
         print(render_protocol(result), flush=True)
     return out
