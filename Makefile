@@ -15,7 +15,7 @@ TEXT ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train eval baseline export register serve predict feedback compare bench ood mlflow-ui test test-all clean
+.PHONY: help setup data train eval threshold baseline export register serve predict feedback compare bench ood mlflow-ui test test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ train: $(STAMP) ## fine-tune the backbone of CONFIG, evaluate, log everything to
 
 eval: $(STAMP) ## evaluate RUN (default: newest run) on the test split, or on DATA=file.csv
 	$(PY) -m training.evaluate --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(DATA),--data $(DATA)) $(ARGS)
+
+threshold: $(STAMP) ## choose RUN's thresholds again on validation with CONFIG's eval settings (then make export)
+	$(PY) -m training.evaluate --config $(CONFIG) --rethreshold $(if $(RUN),--run $(RUN)) $(ARGS)
 
 baseline: $(STAMP) ## TF-IDF character n-grams + logistic regression, logged as its own MLflow run
 	$(PY) -m training.baseline --config $(CONFIG) $(ARGS)

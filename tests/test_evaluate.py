@@ -224,3 +224,24 @@ def test_model_dir_with_a_bad_policy_is_a_clear_error(tiny_model_dir, tmp_path):
     bad = _with_policy(tiny_model_dir, tmp_path / "model", {"ko": 1.7})
     with pytest.raises(E.EvaluateError, match=r"invalid thresholds: 'thresholds.by_lang.ko' must be a probability"):
         E.read_meta(bad)
+
+
+def test_rethreshold_chooses_the_policy_again_and_evaluation_uses_it(tiny_model_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from training.config import load_config
+    from training.evaluate import evaluate_model_dir, read_meta, rethreshold
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    assert read_meta(model_dir)["threshold"] == 0.5  # the fixture's fixed threshold
+    cfg = load_config("configs/smoke.yaml", ["eval.target_fpr=0.0", "eval.per_language_thresholds=false"])
+    policy = rethreshold(model_dir, cfg, log=False, progress=False)
+    meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    assert meta["threshold"] == policy["default"] == meta["thresholds"]["default"] != 0.5
+    assert meta["thresholds"]["by_lang"] == {} and meta["target_fpr"] == 0.0
+    assert "thresholds global 0.5 -> global" in capsys.readouterr().out
+    # the validation split flags no ham at the new threshold (target FPR 0), and evaluation reads it
+    res = evaluate_model_dir(model_dir, cfg, "validation", log=False, progress=False)
+    assert res.threshold == policy["default"] and res.grouped["overall"]["fpr"] == 0.0

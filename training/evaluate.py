@@ -303,6 +303,52 @@ def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text:
     return EvalResult(grouped, policy["default"], "data", table, run_id, p, labels, policy, per_row, scopes)
 
 
+def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progress: bool = True) -> dict:
+    """Choose the model's threshold policy again on its validation split with `cfg.eval` (rule, target FPR,
+    per-language thresholds and their minimums), as training does at its end, and write it into its
+    spamlingo.json: an operator's FPR target (or the per-language switch) changes without retraining.
+    The next `make export` carries it into the bundle. Returns the new policy."""
+    import warnings
+
+    from training.metrics import ThresholdWarning, threshold_policy
+
+    check_eval_config(cfg)
+    model_dir = Path(model_dir)
+    model, encoder, meta = load_model(model_dir)
+    rows, data_dir = _split_rows(model_dir, meta, cfg, "validation")
+    mask_digits = bool(meta["text"].get("mask_digits", True))
+    p = predict_proba(model, encoder, list(rows["text"]), cfg.eval.batch_size, mask_digits, progress,
+                      desc="validation split")
+    e = cfg.eval
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ThresholdWarning)
+        policy = threshold_policy(list(rows["label"]), p, list(rows["lang"]), e.threshold_rule, e.target_fpr,
+                                  e.threshold_min_ham, e.threshold_min_spam, per_language=e.per_language_thresholds)
+    before = TH.describe(model_policy(meta))
+    meta.update(threshold=policy["default"], thresholds=policy, threshold_rule=e.threshold_rule,
+                target_fpr=e.target_fpr, threshold_choice=policy["global"])
+    (model_dir / MODEL_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{model_dir}: thresholds {before} -> {TH.describe(policy)} ({e.threshold_rule}, target FPR "
+          f"{e.target_fpr:g}, per-language {'on' if e.per_language_thresholds else 'off'}; {len(p)} validation "
+          f"rows of {data_dir})")
+    if log and meta.get("mlflow_run_id"):
+        from mlflow.exceptions import MlflowException
+
+        from training import tracking
+
+        tracking.setup(cfg)
+        try:
+            with tracking.resume_run(meta["mlflow_run_id"], cfg):
+                import mlflow
+
+                mlflow.log_metric("threshold", policy["default"])
+                mlflow.set_tag("spamlingo.rethreshold", TH.describe(policy))
+                mlflow.log_dict(meta, "model/spamlingo.json")
+        except MlflowException as ex:
+            print(f"warning: not logged to MLflow run {meta['mlflow_run_id']}: {ex}", file=sys.stderr)
+    return policy
+
+
 # ------------------------------------------------------------------------------------------ command line
 
 
@@ -317,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-column", default="source",
                         help="--data: optional column naming each row's source (default: %(default)s)")
     parser.add_argument("--no-log", action="store_true", help="print the table only, log nothing to MLflow")
+    parser.add_argument("--rethreshold", action="store_true",
+                        help="choose the threshold policy again on validation with the config's eval settings "
+                             "and write it into the model's spamlingo.json (then make export)")
     args = parser.parse_args(argv)
     from training.data import DataError
     from training.tracking import resolve_model_dir
@@ -324,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         model_dir = resolve_model_dir(args.run, cfg)
-        if args.data:
+        if args.rethreshold:
+            rethreshold(model_dir, cfg, log=not args.no_log)
+        elif args.data:
             evaluate_file(model_dir, args.data, cfg, text=args.text_column, label=args.label_column,
                           source=args.source_column, log=not args.no_log)
         else:
