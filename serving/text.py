@@ -43,7 +43,7 @@ def _strip_controls(text: str) -> str:
 
 # Bumped whenever normalize() or language_tag() changes what it returns: prepared data from an older
 # version is prepared again (training.data.PIPELINE_VERSION includes it).
-NORMALIZER_VERSION = 3
+NORMALIZER_VERSION = 4
 
 # Cyrillic and Greek letters that look like Latin ones (after Unicode's confusables list). Spammers put
 # them inside English words ("Frее" with Cyrillic е) to dodge word filters; a word that mixes them with
@@ -86,10 +86,10 @@ def normalize(text: str, mask_digits: bool = False) -> str:
     text = _strip_controls(text)
     text = _WS.sub(" ", text).strip()
     text = _fold_confusables(text)
-    text = _SPACED_LETTERS.sub(lambda m: m.group().replace(" ", ""), text)
     if mask_digits:
         text = _DIGIT.sub("x", text)
-    return text
+    # after masking: masked digits are letters too, so a second pass finds nothing new (idempotent)
+    return _SPACED_LETTERS.sub(lambda m: m.group().replace(" ", ""), text)
 
 
 # ------------------------------------------------------------------------------------------ language tag

@@ -419,7 +419,7 @@ def test_cli_user_mistake_is_one_line_and_nonzero(tmp_path, capsys):
 
 def test_real_default_config_shrunk(tmp_path, capsys):
     """The real corpora through the real default config, capped small, output in tmp_path."""
-    caps = {"uci_sms": 150, "zh_sms": 150, "spamassassin": 120, "enron": 120}
+    caps = {"uci_sms": 150, "zh_sms": 150, "spamassassin": 120, "enron": 120, "cjk_seed": 200, "licensed_ham": 80}
     overrides = [f"data.corpora.{k}.cap={v}" for k, v in caps.items()]
     overrides += [f"data.output_dir={tmp_path / 'out'}", f"data.mix_card={tmp_path / 'mix.md'}"]
     main(["--config", "configs/default.yaml", *overrides])
@@ -445,4 +445,6 @@ def test_real_default_config_shrunk(tmp_path, capsys):
     assert {r["channel"] for _, r in rows if r["source"] == "enron"} == {"email"}
     assert manifest["corpora"]["enron"]["rows_usable"] > 30_000  # everything was read, then capped
     assert manifest["duplicates"]["exact"] > 1000
-    assert "No Japanese (ja) or Korean (ko)" in (tmp_path / "mix.md").read_text(encoding="utf-8")
+    card = (tmp_path / "mix.md").read_text(encoding="utf-8")
+    assert "Japanese and Korean rows by source: cjk_seed" in card and "No Japanese (ja) or Korean" not in card
+    assert {"ja", "ko"} <= {r["lang"] for _, r in rows if r["source"] == "cjk_seed"}

@@ -196,3 +196,10 @@ def test_masked_digits_do_not_make_cjk_text_mixed():
     assert "x" in alert and language_tag(alert) == "zh"
     assert language_tag(normalize("인증번호 [482913] 타인에게 알려주지 마세요 1588-1234", mask_digits=True)) == "ko"
     assert language_tag("box of xylophones") == "en"
+
+
+def test_normalising_twice_changes_nothing():
+    # digits spaced out among single letters: masking makes them letters, and the join sees them once
+    for text in ["call 5 0 a b now", "x 1 2 3 y", "c ^ e ^ l 1 2 3 4 pills", "F R E E 1 0 0"]:
+        once = normalize(text, mask_digits=True)
+        assert normalize(once, mask_digits=True) == once, text

@@ -835,10 +835,22 @@ def mix_card(manifest: dict, splits: dict[str, list[dict]], stats: dict) -> str:
         cnt = [sum(1 for r in splits[s] if r["lang"] == lang) for s in SPLITS]
         lt.append([lang, *cnt, sum(cnt)])
     out.append(_table(["lang", *SPLITS, "total"], lt))
-    out += ["", "**No Japanese (ja) or Korean (ko) labelled spam corpus could be found in a redistributable "
-            "form**, so the mix has no ja/ko rows (apart from any the script-based language tag finds inside "
-            "other corpora). Scores for ja/ko are therefore not measured; the multilingual backbone's transfer "
-            "to them is untested."]
+    cjk_sources: dict[str, int] = defaultdict(int)
+    for s in SPLITS:
+        for r in splits[s]:
+            if r["lang"] in ("ja", "ko"):
+                cjk_sources[r["source"]] += 1
+    if sum(cjk_sources.values()) < 100:
+        out += ["", "**No Japanese (ja) or Korean (ko) labelled spam corpus could be found in a redistributable "
+                "form**, so the mix has no ja/ko rows (apart from any the script-based language tag finds inside "
+                "other corpora). Scores for ja/ko are therefore not measured; the multilingual backbone's "
+                "transfer to them is untested."]
+    else:
+        where = ", ".join(f"{src} {n:,}" for src, n in sorted(cjk_sources.items(), key=lambda kv: -kv[1]))
+        out += ["", f"Japanese and Korean rows by source: {where}. No real ja/ko labelled spam corpus could be "
+                "found in a redistributable form: check each source's card (a synthetic seed corpus shows what "
+                "the model learns, not real traffic); ja/ko quality is measured out of distribution by "
+                "`make ood` on sets written apart from the training data."]
 
     out += ["", "## Text length (characters, after normalisation, all splits before weighting)", ""]
     lengths: dict[str, list[int]] = defaultdict(list)
