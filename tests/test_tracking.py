@@ -284,3 +284,17 @@ def test_ui_serves_the_store_and_sigterm_stops_every_process(store, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_newest_run_elsewhere_names_the_config_to_pass(cfg, tmp_path):
+    """make train CONFIG=configs/smoke.yaml, then a plain make eval: the message says which CONFIG finds it."""
+    import mlflow
+
+    from training.config import with_overrides
+
+    with T.start_run(cfg, "transformer") as run:
+        mlflow.log_artifacts(str(_model_dir(tmp_path / "m", run.info.run_id)), "model")
+    other = with_overrides(cfg, ["tracking.experiment=an-empty-experiment"])
+    with pytest.raises(T.TrackingError, match=rf"training runs in experiment\(s\) .*{cfg.tracking.experiment}.*"
+                                              r"pass the CONFIG they were trained with"):
+        T.resolve_model_dir(None, other)

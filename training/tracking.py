@@ -492,9 +492,31 @@ def resolve_model_dir(run: str | None, cfg: Config | TrackingConfig | None = Non
     found = newest_run(cfg, "transformer")
     if found is None:
         name = _tracking_cfg(cfg).experiment
+        hint = _other_experiments_hint(name)
         raise TrackingError(f"no finished training run in MLflow experiment '{name}' ({tracking_uri_now()}): "
-                            "run `make train` first, or pass RUN=<run id or model dir>")
+                            + (hint or "run `make train` first, or pass RUN=<run id or model dir>"))
     return model_dir_of_run(found, cache_dir)
+
+
+def _other_experiments_hint(name: str) -> str:
+    """Where finished training runs are when the config's experiment has none: a run trained with another
+    CONFIG (smoke.yaml logs to spamlingo-smoke) is found by passing the same CONFIG again."""
+    try:
+        client = _client()
+        others = []
+        for exp in client.search_experiments():
+            if exp.name == name:
+                continue
+            runs = client.search_runs([exp.experiment_id], "tags.`spamlingo.kind` = 'transformer' and "
+                                      "attributes.status = 'FINISHED'", max_results=1)
+            if runs:
+                others.append(exp.name)
+    except Exception:  # the hint is a courtesy: never hide the real message behind a store error
+        return ""
+    if not others:
+        return ""
+    return (f"the store has training runs in experiment(s) {', '.join(sorted(others))}: pass the CONFIG they "
+            "were trained with (e.g. `make eval CONFIG=configs/smoke.yaml`), or RUN=<run id or model dir>")
 
 
 # ------------------------------------------------------------------------------------------ registry
