@@ -171,7 +171,6 @@ def test_precision_on_cpu():
 
 def test_train_end_to_end_logs_a_finished_run_with_a_loadable_model(prepared, tmp_path, store, capsys):
     import numpy as np
-    from transformers import AutoModelForSequenceClassification
 
     from serving.text import Encoder, TextSettings
     from training.evaluate import predict_proba
@@ -216,7 +215,10 @@ def test_train_end_to_end_logs_a_finished_run_with_a_loadable_model(prepared, tm
     assert meta["backbone_info"]["vocab_trim"]
     settings = TextSettings.from_dict(meta["text"])
     assert settings.max_length == 64 and settings.truncation == "head_tail"
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    from training.modeling import load_classifier, pooling_of
+
+    model = load_classifier(model_dir)  # the smoke config trains with mean pooling: its own head, not the CLS one
+    assert pooling_of(model) == "mean" and meta["backbone_info"]["pooling"] == "mean"
     encoder = Encoder.from_file(str(model_dir / "tokenizer.json"), settings)
     from datasets import load_from_disk
 
@@ -340,6 +342,6 @@ def test_two_process_ddp_with_gloo_trains_once_and_writes_one_model(prepared, tm
     assert model_dirs == [tmp_path / "run" / "model"]
     meta = json.loads((tmp_path / "run" / "model" / "spamlingo.json").read_text())
     assert meta["mlflow_run_id"] == run.info.run_id
-    from transformers import AutoModelForSequenceClassification
+    from training.modeling import load_classifier
 
-    AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    load_classifier(tmp_path / "run" / "model")
