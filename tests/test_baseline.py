@@ -84,3 +84,26 @@ def test_bad_settings_are_one_line_errors(cfg, capsys):
     with pytest.raises(SystemExit):
         B.main(["--config", "configs/smoke.yaml", "eval.threshold_rule=median"])
     assert "eval.threshold_rule must be one of best_f1, max_recall_at_fpr" in capsys.readouterr().err
+
+
+
+def test_a_pipeline_saved_by_the_command_loads_in_another_process(tmp_path):
+    """`python -m training.baseline` runs this module as __main__: the pipeline it saves must name its text
+    function by its importable path, or `make ood` / `make bench` (other processes) cannot load it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(B.__file__).resolve().parent.parent
+    overrides = [f"data.output_dir={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'run'}",
+                 "data.corpora.uci_sms.cap=60", "data.corpora.zh_sms.cap=60", "data.corpora.spamassassin.cap=40",
+                 "data.corpora.enron.cap=40", "data.corpora.cjk_seed.cap=40", "data.corpora.licensed_ham.cap=20",
+                 "eval.target_fpr=0.05", "tracking.experiment=baseline-cli"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    subprocess.run([sys.executable, "-m", "training.baseline", "--config", "configs/smoke.yaml", *overrides],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    pipe, info = B.load_pipeline(tmp_path / "run" / "baseline")
+    assert pipe.named_steps["prepare"].func.__module__ == "training.baseline"
+    p = pipe.predict_proba(["恭喜您中奖了！点击链接领取", "are we still on for lunch?"])[:, 1]
+    assert p.shape == (2,) and info["thresholds"]["default"] == info["threshold"]

@@ -79,8 +79,12 @@ def build_pipeline(settings: BaselineSettings, mask_digits: bool = True, seed: i
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
+    # the function by its importable name: under `python -m training.baseline` this module is __main__,
+    # and a pipeline pickled with __main__.prepare_texts cannot be loaded by any other command
+    from training.baseline import prepare_texts as prepare
+
     return Pipeline([
-        ("prepare", FunctionTransformer(prepare_texts, kw_args={"mask_digits": mask_digits,
+        ("prepare", FunctionTransformer(prepare, kw_args={"mask_digits": mask_digits,
                                                                 "max_chars": settings.max_chars})),
         ("tfidf", TfidfVectorizer(analyzer="char_wb", ngram_range=(settings.ngram_min, settings.ngram_max),
                                   sublinear_tf=True, min_df=settings.min_df, max_features=settings.max_features,
