@@ -494,7 +494,7 @@ def resolve_model_dir(run: str | None, cfg: Config | TrackingConfig | None = Non
         name = _tracking_cfg(cfg).experiment
         hint = _other_experiments_hint(name)
         raise TrackingError(f"no finished training run in MLflow experiment '{name}' ({tracking_uri_now()}): "
-                            + (hint or "run `make train` first, or pass RUN=<run id or model dir>"))
+                            "run `make train` first, or pass RUN=<run id or model dir>" + (f"; {hint}" if hint else ""))
     return model_dir_of_run(found, cache_dir)
 
 
@@ -516,7 +516,7 @@ def _other_experiments_hint(name: str) -> str:
     if not others:
         return ""
     return (f"the store has training runs in experiment(s) {', '.join(sorted(others))}: pass the CONFIG they "
-            "were trained with (e.g. `make eval CONFIG=configs/smoke.yaml`), or RUN=<run id or model dir>")
+            "were trained with (e.g. `make eval CONFIG=configs/smoke.yaml`)")
 
 
 # ------------------------------------------------------------------------------------------ registry
