@@ -60,4 +60,9 @@ def merge(previous: dict, record: dict) -> dict:
         p.setdefault("measured", previous.get("date"))
     order = {name: i for i, name in enumerate(("unseen_ham", "eval_sets", "evasion", "loco"))}
     record["protocols"] = sorted(kept + record["protocols"], key=lambda p: order.get(p["name"], len(order)))
+    if kept:  # measured in parts: the command that measures them all at once reproduces the file
+        import re
+
+        record["command"] = re.sub(r" --protocols \S+", "", record["command"])
+        record["measured_in_parts"] = {p["name"]: p.get("measured") for p in record["protocols"]}
     return record

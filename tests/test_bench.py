@@ -236,9 +236,11 @@ def test_a_partial_ood_rerun_keeps_the_other_protocols_of_the_same_run():
 
     old = {"date": "then", "inputs": {"run_id": "r1"}, "protocols": [{"name": "loco", "scopes": []},
                                                                       {"name": "evasion", "scopes": ["old"]}]}
-    new = {"inputs": {"run_id": "r1"}, "protocols": [{"name": "evasion", "scopes": ["new"]}]}
+    new = {"inputs": {"run_id": "r1"}, "command": "python -m bench.run --only ood --protocols evasion --threads 2",
+           "protocols": [{"name": "evasion", "scopes": ["new"]}]}
     merged = merge(old, new)
     assert [p["name"] for p in merged["protocols"]] == ["evasion", "loco"]
     assert merged["protocols"][0]["scopes"] == ["new"] and merged["protocols"][1]["measured"] == "then"
-    other = {"inputs": {"run_id": "r2"}, "protocols": [{"name": "evasion", "scopes": []}]}
+    assert merged["command"] == "python -m bench.run --only ood --threads 2"
+    other = {"inputs": {"run_id": "r2"}, "command": "x", "protocols": [{"name": "evasion", "scopes": []}]}
     assert [p["name"] for p in merge(old, other)["protocols"]] == ["evasion"]  # another run: nothing kept
