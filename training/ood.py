@@ -411,8 +411,6 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
     """Every protocol asked for; returns {"model": ..., "baseline": ..., "protocols": [...]}."""
     import json
 
-    from training.data import load_splits
-
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise OodError(f"unknown protocol(s) {', '.join(unknown)} (protocols: {', '.join(PROTOCOLS)})")
@@ -430,7 +428,9 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
             t0 = time.perf_counter()
             print(f"ood: {name} ...", flush=True)
             if name == "evasion":
-                result = evasion(cfg, scorers, _model_test_split(cfg, meta))
+                from training.evaluate import _split_rows
+
+                result = evasion(cfg, scorers, _split_rows(model_dir, meta, cfg, "test")[0])
             else:
                 result = {"unseen_ham": unseen_ham, "eval_sets": eval_sets}[name](cfg, scorers)
             result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -443,17 +443,6 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
         out["protocols"].append(result)
         print(render_protocol(result), flush=True)
     return out
-
-
-def _model_test_split(cfg: Config, meta: dict):
-    from datasets import load_from_disk
-
-    data_dir = Path(meta.get("data_dir") or "")
-    if meta.get("data_dir") and (data_dir / "dataset").is_dir():
-        return load_from_disk(str(data_dir / "dataset"))["test"]
-    from training.data import load_splits
-
-    return load_splits(cfg)["test"]
 
 
 def log_to_mlflow(cfg: Config, run_id: str | None, result: dict) -> None:
