@@ -31,19 +31,25 @@ class CorpusConfig:
     """How to read one labelled corpus. Any CSV/TSV/JSONL with a text and a label column fits."""
 
     path: str  # file or glob, relative to the repository root; several files are concatenated
+    # (format "feedback": a SQLAlchemy URL of the server's feedback store; "" = $SPAMLINGO_FEEDBACK_DB or
+    # feedback/feedback.db)
     lang_hint: str = ""  # informational only: the language tag is always computed from the text
     channel: str = "sms"  # sms | email | other
     text: str = "text"  # column with the message body
     subject: str = ""  # optional column prepended to the text (e-mail: subject + body)
     label: str = "label"  # column with spam/ham, 1/0, true/false (any case)
     id: str = ""  # column with a raw row id; default: file name + row number
-    format: str = ""  # csv | tsv | jsonl; default: from the file extension
+    format: str = ""  # csv | tsv | jsonl | feedback; default: from the file extension
     header: bool = True  # False: the file has no header row and `columns` names them
     columns: list[str] = field(default_factory=list)
     quoting: str = "minimal"  # minimal | none (csv.QUOTE_NONE, for raw TSV such as UCI SMS)
     cap: int | None = None  # keep at most this many rows (sampled by seed, stratified by label)
     weight: float = 1.0  # sampling weight of this corpus's training rows (1.0 = as is)
     enabled: bool = True  # False: defined, documented, but left out of the mix
+    # format "feedback" only, the poisoning guard (training/feedback_data.py): no reporter contributes
+    # more than max(max_reporter_share x the reports, min_reporter_rows) texts; the rest is held back
+    max_reporter_share: float = 0.2
+    min_reporter_rows: int = 20
 
 
 @dataclass
@@ -193,6 +199,27 @@ class TrackingConfig:
 
 
 @dataclass
+class GateConfig:
+    """How far a retrained candidate may fall behind the champion on each gate (absolute, 0-1 scale)."""
+
+    f1: float = 0.005  # F1 of every gated scope (test split, eval sets, each perturbation of evasion)
+    fpr: float = 0.005  # false-positive rate of every gated scope (test split, unseen ham, hard negatives)
+    feedback_accuracy: float = 0.0  # agreement with the reporters on the test split's feedback rows
+    min_scope_rows: int = 100  # per-language scopes with fewer rows are shown, not gated (too noisy)
+
+
+@dataclass
+class RetrainConfig:
+    """make retrain (training/retrain.py): train on the mix plus feedback, gate, promote."""
+
+    feedback_corpus: str = "feedback"  # the data.corpora entry read from the feedback store
+    model_name: str = "spamlingo"  # MLflow registered model
+    alias: str = "champion"
+    ood_protocols: list[str] = field(default_factory=lambda: ["unseen_ham", "eval_sets", "evasion"])
+    tolerance: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +228,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ood: OodConfig = field(default_factory=OodConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 # ---------------------------------------------------------------- building typed values from plain data

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from serving.text import NORMALIZER_VERSION, language_tag, normalize
+from training import feedback_data
 from training.config import (
     ROOT,
     Config,
@@ -65,6 +66,8 @@ SPLITS = ("train", "validation", "test")
 LABEL_NAMES = {0: "ham", 1: "spam"}
 CHANNELS = ("sms", "email", "other")
 FORMATS = ("csv", "tsv", "jsonl")
+FEEDBACK = "feedback"  # a corpus read from the server's feedback store (training/feedback_data.py)
+FEEDBACK_CARD = "feedback_card.md"  # written into the prepared data directory (reports may be personal)
 _LABELS = {"spam": 1, "ham": 0, "1": 1, "0": 0, "true": 1, "false": 0, "1.0": 1, "0.0": 0}
 # A file where more than this share of the labels is unknown has the wrong column or label scheme.
 MAX_UNKNOWN_LABEL_SHARE = 0.5
@@ -322,6 +325,13 @@ def _corpus_files(name: str, cc: CorpusConfig) -> list[Path]:
     return files
 
 
+def _feedback_call(fn, *args):
+    try:
+        return fn(*args)
+    except feedback_data.FeedbackDataError as e:
+        raise DataError(str(e)) from None
+
+
 def load_corpus(name: str, cc: CorpusConfig, dcfg: DataConfig, drops: DropLog) -> list[dict]:
     """Every usable row of one corpus (all files of its glob, in name order)."""
     from tqdm import tqdm
@@ -329,6 +339,8 @@ def load_corpus(name: str, cc: CorpusConfig, dcfg: DataConfig, drops: DropLog) -
     hint = f"data.corpora.{name}"
     if cc.channel not in CHANNELS:
         raise DataError(f"{hint}.channel: expected one of {', '.join(CHANNELS)}, got {cc.channel!r}")
+    if cc.format == FEEDBACK:
+        raise DataError(f"{hint}: a feedback store is read by training.feedback_data.load")
     spec = FileSpec(text=cc.text, label=cc.label, subject=cc.subject, id=cc.id, format=cc.format,
                     header=cc.header, columns=list(cc.columns), quoting=cc.quoting, hint=hint)
     rows: list[dict] = []
@@ -496,7 +508,9 @@ def data_config_hash(cfg: Config) -> str:
     """What the prepared data depends on: the data section, the pipeline version, the raw files' sizes."""
     files = []
     for name, cc in sorted(cfg.data.corpora.items()):
-        if cc.enabled:
+        if cc.enabled and cc.format == FEEDBACK:
+            files.append(_feedback_call(feedback_data.fingerprint, name, cc))
+        elif cc.enabled:
             for p in sorted(glob.glob(str(resolve_path(cc.path)))):
                 files.append([name, Path(p).name, Path(p).stat().st_size])
     blob = json.dumps({"version": PIPELINE_VERSION, "data": to_dict(cfg.data), "files": files},
@@ -515,6 +529,8 @@ def _check_config(d: DataConfig) -> None:
     if d.near_dup_shingle < 1 or d.near_dup_num_perm < 2 or d.near_dup_max_chars < 1:
         raise DataError("data.near_dup_shingle, near_dup_num_perm (>= 2) and near_dup_max_chars must be positive")
     for name, cc in d.corpora.items():
+        if cc.format == FEEDBACK:
+            _feedback_call(feedback_data.check, name, cc)
         if cc.weight <= 0:
             raise DataError(f"data.corpora.{name}.weight must be > 0 (use enabled: false to leave it out)")
         if cc.cap is not None and cc.cap < 1:
@@ -561,9 +577,14 @@ def build_splits(cfg: Config) -> dict:
         if not cc.enabled:
             corpora[name] = {"enabled": False, "channel": cc.channel, "path": cc.path}
             continue
-        got = load_corpus(name, cc, d, drops)
+        if cc.format == FEEDBACK:
+            got, info = _feedback_call(feedback_data.load, name, cc, d, drops)
+        else:
+            got, info = load_corpus(name, cc, d, drops), None
         corpora[name] = {"enabled": True, "channel": cc.channel, "path": cc.path, "lang_hint": cc.lang_hint,
                          "cap": cc.cap, "weight": cc.weight, "rows_usable": len(got)}
+        if info is not None:
+            corpora[name]["feedback"] = info
         rows.extend(got)
     rows, exact = remove_exact_duplicates(rows, drops)
     by_source: dict[str, list[dict]] = defaultdict(list)
@@ -708,6 +729,12 @@ def _prepare(cfg: Config) -> Path:
         "corpora": stats["corpora"],
         "config": to_dict(cfg.data),
     }
+    for name, info in stats["corpora"].items():
+        if "feedback" in info:
+            (out / FEEDBACK_CARD).write_text(
+                feedback_data.card(name, info["feedback"], splits, manifest["drops_by_source"].get(name, {})),
+                encoding="utf-8")
+            manifest["feedback_card"] = FEEDBACK_CARD
     if cfg.data.mix_card:
         card = resolve_path(cfg.data.mix_card)
         card.parent.mkdir(parents=True, exist_ok=True)

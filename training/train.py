@@ -737,6 +737,10 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     mlflow.log_artifacts(str(model_dir), MODEL_DIR)
     if cfg.data.mix_card and resolve_path(cfg.data.mix_card).exists():
         mlflow.log_artifact(str(resolve_path(cfg.data.mix_card)))
+    from training.data import FEEDBACK_CARD
+
+    if (data_dir / FEEDBACK_CARD).exists():  # the reports' card (training/feedback_data.py)
+        mlflow.log_artifact(str(data_dir / FEEDBACK_CARD))
     return model_dir, meta["metrics"]
 
 
