@@ -15,7 +15,7 @@ TEXT ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train eval threshold baseline export register serve predict feedback compare bench ood mlflow-ui test test-all clean
+.PHONY: help setup data train eval threshold baseline export register retrain serve predict feedback compare bench ood mlflow-ui test test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ export: $(STAMP) ## export RUN (default: newest run) to an ONNX bundle (fp32 + i
 
 register: $(STAMP) ## register RUN's model in the MLflow registry: make register RUN=<id> NAME=spam ALIAS=champion
 	$(PY) -m training.tracking register --config $(CONFIG) $(if $(RUN),--run $(RUN)) --name $(or $(NAME),spamlingo) --alias $(or $(ALIAS),champion)
+
+retrain: $(STAMP) ## train on the mix + feedback reports, gate against the champion, promote (ARGS="--reload URL")
+	$(PY) -m training.retrain --config $(CONFIG) $(ARGS)
 
 serve: $(STAMP) ## serve BUNDLE (default: newest bundle) on 127.0.0.1:PORT
 	$(VENV)/bin/spamlingo-serve $(if $(BUNDLE),--bundle $(BUNDLE)) --port $(PORT) $(ARGS)
