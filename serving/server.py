@@ -1,6 +1,7 @@
 """HTTP inference server for an exported bundle: `spamlingo-serve --bundle bundles/<name>`.
 
-    POST /v1/classify  {"texts": [...]}  -> one result per text, in order
+    POST /v1/classify  {"texts": [...], "explain"?: true}  -> one result per text, in order (with "explain":
+                       the spans that raised and lowered its spam probability most; serving/explain.py)
     POST /v1/feedback  {"text", "label": "spam"|"ham", "reporter"?, "note"?}  -> 201 {"id", "duplicate": false};
                        the same report (normalised text, label, reporter) again -> 200 {first id, "duplicate": true}
     GET  /v1/feedback/stats  (reports by label, language, day; disagreements with the model's verdict)
@@ -50,7 +51,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
@@ -63,6 +64,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import explain as X
 from serving.text import LANGS
 
 log = logging.getLogger("spamlingo.server")
@@ -96,11 +98,14 @@ class ServerSettings:
     feedback_key: str = ""  # opens POST /v1/feedback and nothing else
     admin_key: str = ""  # opens POST /admin/reload and nothing else ("" = reload over HTTP disabled)
     feedback_db: str = ""  # SQLAlchemy URL ("" = sqlite:///<repo>/feedback/feedback.db; "none" = no feedback)
+    explain_max_texts: int = 16  # texts per request with "explain": true (more: 413 too_many_texts)
+    explain_max_rows: int = X.MAX_ROWS  # extra model rows per explained text (more units: merged spans)
     log_level: str = "info"
 
     def check(self) -> None:
         """Raise ValueError naming the flag on an impossible value."""
-        for name in ("max_batch", "max_texts", "max_chars", "max_queue", "max_body_bytes"):
+        for name in ("max_batch", "max_texts", "max_chars", "max_queue", "max_body_bytes", "explain_max_texts",
+                     "explain_max_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.read_timeout > 0:
@@ -154,6 +159,21 @@ class ErrorResponse(BaseModel):
 _SCOPE_PATTERN = "^(global|lang:(" + "|".join(LANGS) + "))$"
 
 
+class Span(BaseModel):
+    start: int = Field(ge=0, description="offset of the span in the text as sent (Python str index: Unicode "
+                                         "code points, not UTF-16 units)")
+    end: int = Field(ge=0, description="offset just past the span")
+    text: str = Field(description="text[start:end] of the text as sent")
+    effect: float = Field(ge=-1.0, le=1.0, description="p(spam | text) - p(spam | text without the span): "
+                                                       "> 0 the span raised the spam probability")
+
+
+class Explanation(BaseModel):
+    spans: list[Span] = Field(description="up to 5 spans that raised and 5 that lowered p(spam) most, by |effect| "
+                                          "descending (occlusion of words / 2-character CJK chunks, at most "
+                                          "--explain-max-rows variants per text)")
+
+
 class Result(BaseModel):
     label: Literal["spam", "ham"]
     spam_probability: float = Field(ge=0.0, le=1.0, description="softmax(logits)[1]")
@@ -164,6 +184,7 @@ class Result(BaseModel):
                                              'own (chosen on that language\'s validation rows), else "global"')
     lang: Literal[LANGS] = Field(description="script-based tag of the normalised text")  # type: ignore[valid-type]
     truncated: bool = Field(description="the text was longer than the model reads (tokens or --max-chars)")
+    explanation: Explanation | None = Field(default=None, description='only with "explain": true')
 
 
 class ModelInfo(BaseModel):
@@ -227,6 +248,8 @@ def _request_model(settings: ServerSettings) -> type[BaseModel]:
         __config__=ConfigDict(json_schema_extra={"examples": [example]}),
         texts=(list[text_type], Field(min_length=1, max_length=settings.max_texts,
                                       description="messages to classify (raw text; normalised by the server)")),
+        explain=(bool, Field(default=False, description="add each result's `explanation` (at most "
+                                                        f"{settings.explain_max_texts} texts; more: 413)")),
     )
 
 
@@ -252,7 +275,8 @@ def _errors(*codes: int, feedback: bool = False) -> dict[int | str, dict[str, An
     text = {400: "invalid_json, invalid_utf8, invalid_unicode (an unpaired surrogate escape)",
             401: "unauthorized: missing or wrong `Authorization: Bearer <key>`",
             408: "request_timeout: the body did not arrive within --read-timeout seconds",
-            413: "body_too_large (--max-body-bytes), too_many_texts (--max-texts), text_too_long (--max-chars)",
+            413: "body_too_large (--max-body-bytes), too_many_texts (--max-texts; --explain-max-texts with "
+                 '"explain": true), text_too_long (--max-chars)',
             422: "invalid_request (wrong shape or types), empty_texts",
             500: "inference_error", 503: "overloaded: the queue is full; retry after Retry-After seconds"}
     if feedback:
@@ -349,6 +373,7 @@ class ServedModel:
     predict: Callable[[list[str]], list[dict]]
     info: dict
     sha256: str
+    score: Callable[[list[str]], Any] | None = None  # p(spam) of texts in one call (serving/explain.py)
 
 
 class _Pending:
@@ -415,6 +440,10 @@ class Batcher:
             self._staged[1].set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
         if self._executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def call(self, fn: Callable, *args) -> Any:
+        """fn(*args) on the model's worker thread, between two batches (explanations run there)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def retry_after(self) -> int:
         batches = math.ceil((self.queued + 1) / self.max_batch)
@@ -613,8 +642,9 @@ def _check_unicode(value: str, where: str) -> None:
         raise ApiError(400, "invalid_unicode", f"{where} contains an unpaired surrogate escape") from None
 
 
-def parse_texts(body: bytes, settings: ServerSettings) -> tuple[list[str], list[bool]]:
-    """Validate a /v1/classify body; returns the texts (cut at max_chars in truncate mode) and which were cut."""
+def parse_texts(body: bytes, settings: ServerSettings) -> tuple[list[str], list[bool], bool]:
+    """Validate a /v1/classify body; returns the texts (cut at max_chars in truncate mode), which were cut,
+    and whether explanations were asked for."""
     payload = parse_json(body)
     if not isinstance(payload, dict):
         raise ApiError(422, "invalid_request", f'body must be an object {{"texts": [...]}}, got {_type_name(payload)}')
@@ -628,6 +658,12 @@ def parse_texts(body: bytes, settings: ServerSettings) -> tuple[list[str], list[
     if len(texts) > settings.max_texts:
         raise ApiError(413, "too_many_texts",
                        f'"texts" has {len(texts)} items; the limit is {settings.max_texts} per request')
+    explain = payload.get("explain", False)
+    if not isinstance(explain, bool):
+        raise ApiError(422, "invalid_request", f'"explain" must be true or false, got {_type_name(explain)}')
+    if explain and len(texts) > settings.explain_max_texts:
+        raise ApiError(413, "too_many_texts", f'"texts" has {len(texts)} items; the limit with "explain": true '
+                       f'is {settings.explain_max_texts} per request')
     cut = [False] * len(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -638,7 +674,7 @@ def parse_texts(body: bytes, settings: ServerSettings) -> tuple[list[str], list[
                 raise ApiError(413, "text_too_long",
                                f"texts[{i}] has {len(t)} characters; the limit is {settings.max_chars}")
             texts[i], cut[i] = t[: settings.max_chars], True
-    return texts, cut
+    return texts, cut, explain
 
 
 def parse_feedback(body: bytes, settings: ServerSettings) -> dict:
@@ -721,7 +757,7 @@ class _ScoreCache:
 
 def _served(predict: Callable[[list[str]], list[dict]], model_info: dict) -> ServedModel:
     return ServedModel(predict, ModelInfo(**model_info).model_dump(),
-                       str(model_info.get("bundle_sha256") or model_info["sha256"]))
+                       str(model_info.get("bundle_sha256") or model_info["sha256"]), X.scorer_for(predict))
 
 
 def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dict]], model_info: dict, *,
@@ -906,18 +942,46 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
     async def classify(request: Request) -> Response:
         # The body is parsed here rather than by FastAPI so that size limits apply before reading it all and
         # every refusal has the {"error": {...}} shape.
-        texts, cut = parse_texts(await _read_body(request, settings.max_body_bytes, settings.read_timeout), settings)
-        results, model = await submit(texts)
+        texts, cut, explain = parse_texts(await _read_body(request, settings.max_body_bytes, settings.read_timeout),
+                                          settings)
+        with explain_budget(len(texts) if explain else 0):
+            results, model = await submit(texts)
+            why = await explain_texts(texts, model) if explain else None
         out = []
-        for t, r, was_cut in zip(texts, results, cut):
+        for i, (t, r, was_cut) in enumerate(zip(texts, results, cut)):
             metrics.texts.labels(r["label"]).inc()
             if writer is not None:
                 scores.put(t, model.sha256, r)
             out.append({"label": r["label"], "spam_probability": float(r["spam_probability"]),
                         "threshold": float(r["threshold"]), "threshold_scope": r.get("threshold_scope", "global"),
                         "lang": r["lang"], "truncated": bool(r["truncated"]) or was_cut})
+            if why is not None:
+                out[-1]["explanation"] = why[i]
         # the model that produced these results: during a reload, the old one or the new one, never a mix
         return JSONResponse({"results": out, "model": model.info})
+
+    explaining = [0]  # model rows of the explanations accepted and not finished
+
+    @contextmanager
+    def explain_budget(n_texts: int):
+        # Bounded like the batcher's queue: refused at once while other explanations hold max_queue rows.
+        rows = n_texts * (settings.explain_max_rows + 1)
+        if rows and explaining[0] and explaining[0] + rows > settings.max_queue:
+            raise ApiError(503, "overloaded", f"explanations of {explaining[0]} model rows are waiting; retry later",
+                           {"Retry-After": str(batcher.retry_after())})
+        explaining[0] += rows
+        try:
+            yield
+        finally:
+            explaining[0] -= rows
+
+    async def explain_texts(texts: list[str], model: ServedModel) -> list[dict]:
+        # By the model that classified them, on its worker thread between batches (never the event loop).
+        try:
+            return await batcher.call(X.explain_many, texts, model.score, settings.explain_max_rows)
+        except Exception as e:  # noqa: BLE001 - as a failed batch is answered
+            log.exception("explanation failed for %d texts", len(texts))
+            raise ApiError(500, "inference_error", f"explanation failed: {type(e).__name__}: {e}") from None
 
     async def submit(texts: list[str]) -> tuple[list[dict], ServedModel]:
         try:
@@ -1071,6 +1135,9 @@ _FLAGS: dict[str, tuple[type, str, str]] = {
                               "either way)"),
     "feedback_db": (str, "URL", "SQLAlchemy URL of the feedback store ('' = sqlite:///<repo>/feedback/feedback.db, "
                                 "WAL; 'none' = no feedback endpoints)"),
+    "explain_max_texts": (int, "N", 'texts per request with "explain": true (more: 413 too_many_texts)'),
+    "explain_max_rows": (int, "N", "extra model rows per explained text: one per removed span (more words: "
+                                   "adjacent ones merged)"),
     "log_level": (str, "LEVEL", "critical|error|warning|info|debug (debug adds the access log)|trace"),
 }
 
