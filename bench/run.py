@@ -4,7 +4,7 @@
     python -m bench.run --run <run id> --bundle bundles/x --only quality,speed
     python -m bench.run --quick --only size               # small samples (tests, a first look)
 
-Figures: quality, speed_engines, speed_server, speed_training, size, feedback (`--only speed` = the three
+Figures: quality, speed_engines, speed_server, speed_training, size, feedback, explain (`--only speed` = the three
 speed figures). Each runs as `python -m bench.run --figure NAME ...` in a fresh process, so one figure's
 threads, caches and memory cannot skew another's, and writes bench/results/NAME.json (machine, versions,
 date, inputs, the command that reproduces it, the numbers). BENCHMARKS.md is then rebuilt from every JSON
@@ -38,6 +38,7 @@ FIGURES = {  # name -> module; also the order of BENCHMARKS.md
     "speed_training": "bench.training_speed",
     "size": "bench.size",
     "feedback": "bench.feedback",
+    "explain": "bench.explain",
     "ood": "bench.ood",
 }
 # A plain `make bench` measures these; `ood` trains its folds' models, so it runs on its own (`make ood`).

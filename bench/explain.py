@@ -1,0 +1,173 @@
+"""Figure explain: are the explanations faithful, and what do they cost? (serving/explain.py)
+
+- Deletion test, per language: spam messages (en and zh from the test split, ja and ko from
+  data/ood/cjk_scam_eval.jsonl, whose spam the test split has little of) that the model reads whole (not
+  truncated) and that have at least 4 spans. For each, the 3 spans with the largest effect are removed
+  together, and, against them, 3 random spans of the same sizes in characters (non-overlapping, anywhere
+  in the text, seeded; several draws averaged). Reported: the mean drop of p(spam) for each and their ratio
+  (target >= 2). Every variant of a message is scored in one call with its full text, so int8's
+  batch-dependent activation scale cannot pass for an effect.
+- Cost: explaining an SMS-length test text against classifying it, both at batch 1 (one text per call,
+  normalisation and tokenisation included) on the bundle's int8 graph, interleaved rounds, medians
+  (target <= 4x).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+
+from bench.inputs import Inputs, load_split, sample_rows
+from bench.timing import interleaved, percentiles
+from training.config import resolve_path
+
+TITLE = "Explanations: deletion test and cost"
+NEEDS = ("model", "bundle", "data")
+LANGS = (("en", "test"), ("zh", "test"), ("ja", "cjk_scam_eval"), ("ko", "cjk_scam_eval"))
+EVAL_SET = "data/ood/cjk_scam_eval.jsonl"
+TOP_K = 3
+CAPS = (32, 8, 4)  # --explain-max-rows values timed; the first is serving/explain.py's default
+
+
+def _settings(quick: bool) -> dict:
+    if quick:
+        return {"texts_per_lang": 6, "draws": 2, "cost_texts": 6, "rounds": 1, "seconds_per_round": 0.2}
+    # ~100 texts x 4 languages x (33 + 6) rows, and 3 rounds of 3 s per engine: about 3 minutes for e5-small.
+    return {"texts_per_lang": 100, "draws": 5, "cost_texts": 64, "rounds": 3, "seconds_per_round": 3.0}
+
+
+def _spam_texts(inputs: Inputs, lang: str, where: str) -> list[str]:
+    if where == "test":
+        test = load_split(inputs, "test")
+        return [t for t, y, lg in zip(test["text"], test["label"], test["lang"]) if y == 1 and lg == lang]
+    rows = [json.loads(line) for line in resolve_path(EVAL_SET).read_text(encoding="utf-8").splitlines() if line]
+    return [r["text"] for r in rows if r.get("label") == "spam" and r.get("lang") == lang]
+
+
+def random_spans(n_chars: int, sizes: list[int], rng: random.Random, tries: int = 200) -> list[tuple[int, int]] | None:
+    """Non-overlapping spans of the given sizes at uniformly random positions in [0, n_chars), or None."""
+    for _ in range(tries):
+        out: list[tuple[int, int]] = []
+        for size in sizes:
+            if size > n_chars:
+                return None
+            a = rng.randrange(0, n_chars - size + 1)
+            if any(a < e and s < a + size for s, e in out):
+                break
+            out.append((a, a + size))
+        else:
+            return out
+    return None
+
+
+def deletion_test(texts: list[str], score, clf, settings: dict, seed: int, max_rows: int,
+                  mask_digits: bool) -> dict:
+    from serving.explain import attribute, remove
+
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    drops_top, drops_rand, p_full, spans_n, skipped = [], [], [], [], {"truncated": 0, "few_spans": 0, "no_draw": 0}
+    for i in order:
+        if len(drops_top) >= settings["texts_per_lang"]:
+            break
+        t = texts[i]
+        if clf.encode([t])[0].truncated:  # random spans beyond what the model reads would flatter the ratio
+            skipped["truncated"] += 1
+            continue
+        att = attribute(t, score, max_rows, mask_digits)
+        if len(att.spans) <= TOP_K:
+            skipped["few_spans"] += 1
+            continue
+        top = [att.spans[k] for k in np.argsort(-att.effects, kind="stable")[:TOP_K]]
+        sizes = [b - a for a, b in top]
+        draws = [random_spans(len(t), sizes, rng) for _ in range(settings["draws"])]
+        draws = [d for d in draws if d]
+        if not draws:
+            skipped["no_draw"] += 1
+            continue
+        p = np.asarray(score([t, remove(t, top)] + [remove(t, d) for d in draws]), dtype=np.float64)
+        p_full.append(p[0])
+        drops_top.append(p[0] - p[1])
+        drops_rand.append(float(np.mean(p[0] - p[2:])))
+        spans_n.append(len(att.spans))
+    n = len(drops_top)
+    top_m = float(np.mean(drops_top)) if n else None
+    rand_m = float(np.mean(drops_rand)) if n else None
+    return {"texts": n, "candidates": len(texts), "skipped": skipped,
+            "mean_p_spam": float(np.mean(p_full)) if n else None,
+            "mean_spans": float(np.mean(spans_n)) if n else None,
+            "drop_top3": top_m, "drop_random3": rand_m,
+            "ratio": (top_m / rand_m) if n and rand_m and rand_m > 0 else None,
+            "top_beats_random_share": float(np.mean(np.asarray(drops_top) > np.asarray(drops_rand))) if n else None}
+
+
+def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
+    from serving.bundle import load_bundle
+    from serving.explain import MAX_ROWS, attribute, explain, onnx_scorer
+    from serving.inference import Classifier
+
+    assert CAPS[0] == MAX_ROWS
+    settings = _settings(quick) | {"seed": seed, "max_rows": MAX_ROWS, "top_k": TOP_K, "threads": threads}
+    bundle = load_bundle(inputs.bundle_dir)
+    variant = "int8" if bundle.has("int8") else "fp32"
+    notes = {} if variant == "int8" else {"variant": "the bundle has no int8 graph: fp32 measured"}
+    clf = Classifier(bundle, variant=variant, threads=threads)
+    score = onnx_scorer(clf)
+    mask = bool(bundle.text.mask_digits)
+    deletion = {}
+    for lang, where in LANGS:
+        texts = _spam_texts(inputs, lang, where)
+        deletion[lang] = {"source": "test split" if where == "test" else EVAL_SET,
+                          **deletion_test(texts, score, clf, settings, seed, MAX_ROWS, mask)}
+
+    sms = [r["text"] for r in sample_rows(load_split(inputs, "test"), settings["cost_texts"], seed, channel="sms")]
+    if not sms:
+        raise ValueError("no SMS rows in the test split to time")
+    engines = {"classify": lambda t: clf.classify([t])}
+    for cap in CAPS:  # the default cap, and smaller ones: what a lower --explain-max-rows would cost
+        engines[f"explain_{cap}"] = lambda t, cap=cap: explain(t, score, cap, mask_digits=mask)
+    times = interleaved(engines, sms, rounds=settings["rounds"], seconds_per_round=settings["seconds_per_round"])
+    stats = {name: percentiles(t) for name, t in times.items()}
+    base = stats["classify"]["p50_ms"]
+    explained = {}
+    for cap in CAPS:
+        rows = [attribute(t, lambda x: np.zeros(len(x)), cap, mask).rows for t in sms]  # rows only, no model
+        explained[str(cap)] = {**stats[f"explain_{cap}"], "mean_rows": float(np.mean(rows)),
+                               "ratio_p50": stats[f"explain_{cap}"]["p50_ms"] / base}
+    cost = {"variant": variant, "texts": len(sms), "mean_chars": float(np.mean([len(t) for t in sms])),
+            "mean_tokens": float(np.mean([len(p) for p in clf.encode(sms)])), "classify": stats["classify"],
+            "explain": explained, "max_rows": MAX_ROWS, "ratio_p50": explained[str(MAX_ROWS)]["ratio_p50"]}
+    return {"settings": settings, "variant": variant, "deletion": deletion, "cost": cost, "notes": notes}
+
+
+def _f(v, fmt="{:.4f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def render(result: dict) -> str:
+    s, c = result["settings"], result["cost"]
+    lines = [f"Occlusion over words / 2-character CJK chunks, at most {s['max_rows']} removed spans per text, "
+             f"{result['variant']} bundle, threads: {s['threads']}. Deletion test: the top-{s['top_k']} spans of each spam "
+             f"message removed together vs {s['top_k']} random spans of the same sizes (mean of {s['draws']} "
+             f"draws, seed {s['seed']}); messages the model reads whole, with more than {s['top_k']} spans "
+             f"(up to {s['texts_per_lang']} per language). Target: ratio >= 2.", "",
+             "| lang | source | texts | mean p(spam) | mean spans | drop, top-3 | drop, random 3 | ratio | top > random |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for lang, d in result["deletion"].items():
+        lines.append(f"| {lang} | {d['source']} | {d['texts']} | {_f(d['mean_p_spam'], '{:.3f}')} | "
+                     f"{_f(d['mean_spans'], '{:.1f}')} | {_f(d['drop_top3'])} | {_f(d['drop_random3'])} | "
+                     f"{_f(d['ratio'], '{:.2f}')} | {_f(d['top_beats_random_share'], '{:.0%}')} |")
+    lines += ["", f"Cost at batch 1 on {c['texts']} SMS-length test texts ({c['mean_chars']:.0f} characters, "
+                  f"{c['mean_tokens']:.0f} tokens on average), normalisation and tokenisation included: classify "
+                  f"p50 {c['classify']['p50_ms']:.2f} ms (p90 {c['classify']['p90_ms']:.2f}). Explaining at the "
+                  f"default --explain-max-rows {c['max_rows']}: **{c['ratio_p50']:.2f}×** (target ≤ 4×).", "",
+              "| --explain-max-rows | model rows per text | explain p50 ms | p90 ms | × classify |",
+              "|---:|---:|---:|---:|---:|"]
+    for cap, e in c["explain"].items():
+        lines.append(f"| {cap} | {e['mean_rows']:.1f} | {e['p50_ms']:.2f} | {e['p90_ms']:.2f} | {e['ratio_p50']:.2f} |")
+    for k, v in result.get("notes", {}).items():
+        lines += ["", f"- {k}: {v}"]
+    return "\n".join(lines)
