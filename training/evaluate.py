@@ -10,7 +10,9 @@ row's language tag as serving does (serving/thresholds.py): the test split never
 through serving.text exactly as in serving (normalize with the model's mask_digits, Encoder with its
 TextSettings). Test-split results are logged into the model's own MLflow run
 (or a new `eval` run when the model has none in this store); `--data` results go to a new `eval` run
-linked to the model run, with metric names `data/<scope>/<metric>`.
+linked to the model run, with metric names `data/<scope>/<metric>`. Beside the tables, an HTML error report
+(training/error_report.py: false positives and negatives with the spans that made them) is written to
+eval/error_report.html next to the model directory and logged to the same run.
 """
 
 from __future__ import annotations
@@ -223,10 +225,11 @@ def check_eval_config(cfg: Config) -> None:
 
 
 def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", *, log: bool = True,
-                       progress: bool = True) -> EvalResult:
+                       progress: bool = True, error_report: str | Path | None = None) -> EvalResult:
     """Score the model on a split of its prepared data (test by default) at its stored thresholds (each
     row at its language's threshold from the model's policy); print the per-source/per-language table and
-    which threshold applied per language; log metrics, metrics.md and plots to MLflow (when `log`)."""
+    which threshold applied per language; log metrics, metrics.md and plots to MLflow (when `log`).
+    `error_report`: write the HTML error report there (training/error_report.py; logged with the rest)."""
     from training import metrics as M
 
     check_eval_config(cfg)
@@ -254,6 +257,9 @@ def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", 
                       tags={"spamlingo.eval_split": split}, run_name=f"eval-{split}",
                       data_hash=meta.get("data_hash"), policy=policy, extra_text=applied)
         print(f"logged to MLflow run {run_id}")
+    if error_report:
+        _error_report(error_report, model, encoder, meta, texts, labels, p, per_row, groups, run_id,
+                      f"{model_dir.name}: errors on the {split} split")
     return EvalResult(grouped, policy["default"], short, table, run_id, p, labels, policy, per_row, scopes)
 
 
@@ -267,7 +273,7 @@ def file_hash(path: str | Path) -> str:
 
 def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text: str = "text",
                   label: str = "label", source: str = "source", log: bool = True,
-                  progress: bool = True) -> EvalResult:
+                  progress: bool = True, error_report: str | Path | None = None) -> EvalResult:
     """Score any labelled CSV/TSV/JSONL (training.data.read_labelled_file) with the same metrics, per
     source (the `source` column, else the file name) and per language; log to a new `eval` run tagged
     with the file, its sha256 and the model's run. Metric names: `data/<scope>/<metric>`."""
@@ -300,7 +306,35 @@ def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text:
                       run_name=f"eval-{Path(path).name.split('.')[0]}", data_hash=digest, force_new_run=True,
                       policy=policy, extra_text=applied)
         print(f"logged to MLflow run {run_id}")
+    if error_report:
+        _error_report(error_report, model, encoder, meta, texts, labels, p, per_row, groups, run_id,
+                      f"{model_dir.name}: errors on {Path(path).name}")
     return EvalResult(grouped, policy["default"], "data", table, run_id, p, labels, policy, per_row, scopes)
+
+
+def report_path(model_dir: Path, subdir: str = "") -> Path:
+    """Where `make eval` writes the error report: eval/[subdir/]error_report.html beside the model directory."""
+    return model_dir.parent / "eval" / subdir / "error_report.html"
+
+
+def _error_report(path, model, encoder, meta, texts, labels, p, per_row, groups, run_id, title) -> None:
+    """The HTML error report, its spans explained by this PyTorch model (the server's code, serving/explain.py,
+    with this scorer), logged to `run_id` when given."""
+    from training.error_report import write_report
+
+    mask_digits = bool(meta["text"].get("mask_digits", True))
+
+    def score(batch: list[str]) -> np.ndarray:  # the rows of one explained text: one forward pass
+        return predict_proba(model, encoder, batch, len(batch), mask_digits, progress=False)
+
+    counts = write_report(path, texts, labels, p, per_row, groups["lang"], groups["source"], score, title=title,
+                          mask_digits=mask_digits)
+    print(f"wrote {path} ({counts['false_positives']} false positives, {counts['false_negatives']} false negatives, "
+          f"{counts['explained']} shown)")
+    if run_id:
+        from mlflow import MlflowClient
+
+        MlflowClient().log_artifact(run_id, str(path))
 
 
 def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progress: bool = True) -> dict:
@@ -377,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             rethreshold(model_dir, cfg, log=not args.no_log)
         elif args.data:
             evaluate_file(model_dir, args.data, cfg, text=args.text_column, label=args.label_column,
-                          source=args.source_column, log=not args.no_log)
+                          source=args.source_column, log=not args.no_log,
+                          error_report=report_path(model_dir, f"data-{Path(args.data).name.split('.')[0]}"))
         else:
-            evaluate_model_dir(model_dir, cfg, args.split, log=not args.no_log)
+            evaluate_model_dir(model_dir, cfg, args.split, log=not args.no_log,
+                               error_report=report_path(model_dir, "" if args.split == "test" else args.split))
     except (ConfigError, TrackingError, EvaluateError, DataError) as e:
         fail(str(e))
     return 0
