@@ -1060,6 +1060,10 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
     async def metrics_endpoint():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    from serving import review  # GET /: the review page, and its /static/ assets (not in the API schema)
+
+    app.include_router(review.router)
+
     def openapi():
         # ClassifyRequest and FeedbackRequest are validated by parse_texts / parse_feedback, not FastAPI, so
         # add their schemas to the components.
