@@ -321,19 +321,52 @@ class Encoder:
         half = self.char_cap // 2
         return text[:half] + " " + text[-half:]
 
+    def _kept(self, n: int) -> slice | tuple[slice, slice]:
+        """Which of a text's `n` content tokens the truncation policy keeps."""
+        if n <= self.budget:
+            return slice(0, n)
+        if self.settings.truncation == "head":
+            return slice(0, self.budget)
+        return slice(0, self.head), slice(n - (self.budget - self.head), n)
+
+    def _truncate(self, items: list) -> list:
+        kept = self._kept(len(items))
+        return items[kept] if isinstance(kept, slice) else items[kept[0]] + items[kept[1]]
+
     def encode_batch(self, texts: Sequence[str]) -> list[Encoded]:
         """`texts` must already be normalised (see `normalize`)."""
         raw = self.tok.encode_batch([self.cap_chars(t) for t in texts], add_special_tokens=False)
         out = []
         for t, enc in zip(texts, raw):
-            ids = enc.ids
-            truncated = len(ids) > self.budget or len(t) > self.char_cap
-            if len(ids) > self.budget:
-                if self.settings.truncation == "head":
-                    ids = ids[: self.budget]
-                else:
-                    ids = ids[: self.head] + ids[len(ids) - (self.budget - self.head):]
+            ids = self._truncate(enc.ids)
+            truncated = len(enc.ids) > self.budget or len(t) > self.char_cap
             out.append(Encoded([self.cls_id, *ids, self.sep_id], truncated))
+        return out
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[Encoded, list[tuple[int, int] | None]]]:
+        """`encode_batch`, and for each token of each Encoded the span [start, end) of the normalised text
+        it was read from (None for the special tokens). The tokenizer's offsets are into `cap_chars(text)`;
+        head_tail's joining space maps to nothing, the tail back to the end of `text`."""
+        raw = self.tok.encode_batch([self.cap_chars(t) for t in texts], add_special_tokens=False)
+        out = []
+        for t, enc in zip(texts, raw):
+            offsets: list[tuple[int, int] | None] = list(enc.offsets)
+            if len(t) > self.char_cap and self.settings.truncation == "head_tail":
+                half = self.char_cap // 2
+                shift = len(t) - half - (half + 1)  # capped index -> index in `t`, past the joining space
+
+                def back(a: int, b: int) -> tuple[int, int] | None:
+                    if b <= half:
+                        return a, b
+                    if a < half:  # across the joining space (never seen: it splits words): the head part
+                        return a, half
+                    a = max(a, half + 1)
+                    return (a + shift, b + shift) if a < b else None
+
+                offsets = [back(a, b) for a, b in offsets]
+            ids = self._truncate(enc.ids)
+            truncated = len(enc.ids) > self.budget or len(t) > self.char_cap
+            out.append((Encoded([self.cls_id, *ids, self.sep_id], truncated), [None, *self._truncate(offsets), None]))
         return out
 
     def pad(self, batch: Iterable[Encoded]):
