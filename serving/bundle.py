@@ -79,10 +79,19 @@ class Bundle:
     created_at: str = ""
     # serving.thresholds policy: bundle.json's "thresholds", or the single threshold of an older bundle
     thresholds: dict = field(default_factory=dict)
+    # graph outputs: [output] or [output, "token_scores"] (a mean-pooled model's per-token decomposition of
+    # the logit, training/token_scores.py); a bundle exported before lists none: [output]
+    outputs: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.thresholds:
             self.thresholds = TH.from_threshold(self.threshold)
+        if not self.outputs:
+            self.outputs = [self.output]
+
+    @property
+    def has_token_scores(self) -> bool:
+        return "token_scores" in self.outputs
 
     @property
     def name(self) -> str:
@@ -197,6 +206,7 @@ def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
         text=text,
         inputs=list(_require(manifest, "inputs", directory)),
         output=str(manifest.get("output", "logits")),
+        outputs=[str(o) for o in manifest.get("outputs") or []],
         models={v: models.get(v) for v in VARIANTS},
         int8=dict(manifest.get("int8") or {}),
         parity=dict(manifest.get("parity") or {}),

@@ -17,6 +17,8 @@ from serving import thresholds as TH
 from serving.bundle import Bundle, BundleError
 from serving.text import Encoded, Encoder, TextSettings, language_tag, normalize
 
+TOKEN_SCORES = "token_scores"  # the optional second graph output (training/token_scores.py)
+
 # Inputs a graph may take and how each is made from the encoder's (ids, mask). An encoder exported with
 # token_type_ids gets zeros: every message is a single segment.
 _FEEDS = {
@@ -60,13 +62,16 @@ class OnnxGraph:
                               f"(known: {', '.join(_FEEDS)})")
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = output if output in outputs else outputs[0]
+        self.outputs = outputs
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Logits (batch, 2) for a padded int64 batch."""
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, *extra: str) -> np.ndarray | list[np.ndarray]:
+        """Logits (batch, 2) for a padded int64 batch; with `extra` output names, [logits, *those] from the
+        same session.run."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         feed = {name: _FEEDS[name](ids, mask) for name in self.input_names}
-        return self.session.run([self.output], feed)[0]
+        out = self.session.run([self.output, *extra], feed)
+        return out if extra else out[0]
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -125,6 +130,8 @@ class Classifier:
         missing = [n for n in bundle.inputs if n not in self.graph.input_names]
         if missing:
             raise BundleError(f"{bundle.path}: bundle.json lists input(s) {missing} that the {variant} graph lacks")
+        # explanations by decomposition (serving/explain.py) when the bundle lists the output and the graph has it
+        self.has_token_scores = bundle.has_token_scores and TOKEN_SCORES in self.graph.outputs
 
     # ------------------------------------------------------------------ per-text preparation
 
@@ -140,6 +147,29 @@ class Classifier:
     def run_encoded(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits (batch, 2) of one padded batch."""
         return self.graph.run(input_ids, attention_mask)
+
+    def run_decomposed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (batch, 2), token_scores (batch, seq)) of one padded batch, from one session.run: z =
+        logits[:, 1] - logits[:, 0] equals token_scores.sum(1) + the head's bias (0 at padding)."""
+        if not self.has_token_scores:
+            raise BundleError(f"{self.bundle.path}: the {self.variant} graph has no {TOKEN_SCORES} output")
+        logits, scores = self.graph.run(input_ids, attention_mask, TOKEN_SCORES)
+        return logits, scores
+
+    def decompose(self, items: Sequence[Prepared | Encoded]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(logits (n, 2) float64, each row's token scores (float64, one per token id, specials included))
+        in input order, in length-sorted sub-batches of `batch_size`."""
+        items = list(items)
+        logits = np.empty((len(items), 2), dtype=np.float64)
+        scores: list[np.ndarray] = [np.empty(0)] * len(items)
+        lengths = [len(i) if isinstance(i, Prepared) else len(i.input_ids) for i in items]
+        for idx in length_batches(lengths, self.batch_size):
+            ids, mask = self.pad([items[k] for k in idx])
+            out, s = self.run_decomposed(ids, mask)
+            logits[idx] = out
+            for row, k in enumerate(idx):
+                scores[k] = s[row, :lengths[k]].astype(np.float64)
+        return logits, scores
 
     def logits(self, items: Sequence[Prepared | Encoded]) -> np.ndarray:
         """Logits (n, 2) of prepared texts, in input order, computed in length-sorted sub-batches."""

@@ -47,6 +47,7 @@ from serving import thresholds as TH
 from serving.bundle import FORMAT_VERSION, TOKENIZER, BundleError, load_bundle, write_manifest
 from serving.inference import Classifier, Prepared, length_batches, prepare_texts, spam_probability
 from serving.text import Encoder, TextSettings
+from training import token_scores as TS
 from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
 
 MODEL_META = "spamlingo.json"
@@ -265,19 +266,22 @@ def _example_batch(encoder, prepared: Sequence[Prepared]):
 
 
 def export_graph(model, path: Path, example, opset: int, exporter: str) -> dict:
-    """torch.onnx.export of the logits to `path` with dynamic batch/sequence axes; returns facts to record."""
+    """torch.onnx.export of the logits (and, for a mean-pooled model, token_scores: training/token_scores.py)
+    to `path` with dynamic batch/sequence axes; returns facts to record."""
     import onnx
     import torch
 
-    wrapper = _LogitsOnly(model)
+    names = TS.outputs(model, OUTPUT)
+    wrapper = TS.wrapper(model) if len(names) > 1 else _LogitsOnly(model)
+    axes = {OUTPUT: {0: "batch"}, TS.TOKEN_SCORES: {0: "batch", 1: "sequence"}}
     t0 = time.perf_counter()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
         if exporter == "torchscript":
             torch.onnx.export(
-                wrapper, example, str(path), input_names=GRAPH_INPUTS, output_names=[OUTPUT],
+                wrapper, example, str(path), input_names=GRAPH_INPUTS, output_names=names,
                 dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                              "attention_mask": {0: "batch", 1: "sequence"}, OUTPUT: {0: "batch"}},
+                              "attention_mask": {0: "batch", 1: "sequence"}, **{n: axes[n] for n in names}},
                 opset_version=opset, dynamo=False,
             )
         elif exporter == "dynamo":
@@ -285,7 +289,7 @@ def export_graph(model, path: Path, example, opset: int, exporter: str) -> dict:
             seq = torch.export.Dim("sequence", min=2, max=max(8, model.config.max_position_embeddings - 2))
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             torch.onnx.export(
-                wrapper, example, str(path), input_names=GRAPH_INPUTS, output_names=[OUTPUT],
+                wrapper, example, str(path), input_names=GRAPH_INPUTS, output_names=names,
                 dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), opset_version=opset,
                 dynamo=True, external_data=False, verbose=False,
             )
@@ -394,7 +398,8 @@ def _sensitive_nodes(path: Path, num_layers: int) -> dict:
     """Names of the nodes the 'exclude_sensitive' recipe keeps in fp32: the weight-bearing MatMul/Attention
     nodes of the last encoder layer and the head, and the embedding lookups.
 
-    (The pooler and classifier are Gemm nodes, which dynamic quantisation leaves in fp32 anyway.)
+    (The pooler and classifier are Gemm nodes; dynamic quantisation turns them into MatMulInteger. A
+    mean-pooled model's head is kept in fp32 by training/token_scores.py `keep_head_fp32`.)
     The last layer starts after the last node named for the layer before it ("…/layer.10/…"): a fused
     Attention node carries no layer in its name but sits in the graph's (topological) order. Without
     layer names at all, the last 1/num_layers of those nodes is taken."""
@@ -530,11 +535,22 @@ class _Work:
     def fp32(self) -> Path:
         return self.tmp / FP32_FILE
 
-    def onnx_logits(self, variant: str = "fp32") -> tuple[Any, float]:
-        """Logits of the bundle's current graph through serving.inference.Classifier, and the seconds taken."""
+    def classifier(self, variant: str = "fp32") -> Classifier:
+        """serving.inference.Classifier of the bundle's current graph."""
         write_manifest(self.tmp, {**self.base, "models": {"fp32": FP32_FILE,
                                                           "int8": INT8_FILE if variant == "int8" else None}})
-        clf = Classifier(load_bundle(self.tmp, verify=False), variant, threads=self.threads)
+        return Classifier(load_bundle(self.tmp, verify=False), variant, threads=self.threads)
+
+    def token_scores_gate(self, variant: str) -> dict | None:
+        """training/token_scores.py's check of the current graph; None when the model has no token_scores."""
+        if self.base.get("token_scores") is None:
+            return None
+        limit = TS.FP32_LIMIT if variant == "fp32" else TS.INT8_LIMIT
+        return TS.gate(self.classifier(variant), self.prepared, self.base["token_scores"]["bias"], limit)
+
+    def onnx_logits(self, variant: str = "fp32") -> tuple[Any, float]:
+        """Logits of the bundle's current graph through serving.inference.Classifier, and the seconds taken."""
+        clf = self.classifier(variant)
         clf.logits(self.prepared[:1])  # warm-up: the first run allocates; keep it out of the timing
         t0 = time.perf_counter()
         logits = clf.logits(self.prepared)
@@ -599,7 +615,10 @@ def _int8(work: _Work, labels, langs, p32, num_layers: int, cfg_export, show: bo
 
     record: dict[str, Any] = {"status": "failed", "recipe": None, "reason": "", "attempts": []}
     qpath = work.tmp / INT8_FILE
-    for recipe in tqdm(int8_recipes(work.fp32, num_layers), desc="int8 recipes", unit="recipe",
+    recipes = int8_recipes(work.fp32, num_layers)
+    if work.base.get("token_scores") is not None:
+        recipes = TS.keep_head_fp32(recipes, work.fp32)
+    for recipe in tqdm(recipes, desc="int8 recipes", unit="recipe",
                        disable=not show, leave=False):
         shown = {k: (len(v) if k == "nodes_to_exclude" else v) for k, v in recipe.items()}
         try:
@@ -612,12 +631,16 @@ def _int8(work: _Work, labels, langs, p32, num_layers: int, cfg_export, show: bo
         p8 = spam_probability(logits8)
         gate = int8_parity(labels, langs, p32, p8, work.threshold, cfg_export.int8_min_agreement,
                            cfg_export.int8_max_f1_drop)
+        scores = work.token_scores_gate("int8") if gate["passed"] else None
+        if scores and not scores["passed"]:  # the explanations of this graph would not add up to its logits
+            gate.update(passed=False, reason=f"token_scores: max |sum + bias - z| {scores['max_abs_sum_error']:.3g} "
+                                             f"> {scores['limit']}")
         record["attempts"].append({**shown, "label_agreement": gate["label_agreement"],
                                    "f1_drop": gate["scopes"]["overall"]["f1_drop"],
                                    "passed": gate["passed"], "reason": gate["reason"]})
         if gate["passed"]:
             record.update(status="passed", recipe=recipe)
-            return record, gate, np.asarray(p8), seconds
+            return record, {**gate, "token_scores": scores}, np.asarray(p8), seconds
         qpath.unlink(missing_ok=True)
     record["reason"] = "no int8 recipe passed the gates (" + "; ".join(
         f"{a['name']}: {a.get('reason') or a.get('error')}" for a in record["attempts"]) + ")"
@@ -703,6 +726,9 @@ def export_bundle(
                 "thresholds": policy, "threshold_rule": meta.get("threshold_rule"), "text": settings.to_dict(),
                 "inputs": list(GRAPH_INPUTS), "output": OUTPUT}
         model = load_torch_model(model_dir)
+        base["outputs"] = TS.outputs(model, OUTPUT)  # a mean-pooled model's graph also has token_scores
+        if len(base["outputs"]) > 1:
+            base["token_scores"] = TS.manifest_entry(model)
         # Text prepared once through serving's path, with the bundle's own tokenizer.json and settings;
         # the PyTorch reference runs on exactly those token ids.
         encoder = Encoder.from_file(str(tmp / TOKENIZER), settings)
@@ -726,9 +752,17 @@ def export_bundle(
             graph["optimization"] = {"applied": False, "reason": "export.optimize=false"}
         logits32, fp32_seconds = work.onnx_logits("fp32")
         p32 = spam_probability(logits32)
+        scores_gate = {"fp32": work.token_scores_gate("fp32"), "int8": None}
+        if scores_gate["fp32"] and not scores_gate["fp32"]["passed"]:
+            g = scores_gate["fp32"]
+            raise ExportError(f"token_scores do not decompose the logits in the fp32 graph: max |sum + bias - z| "
+                              f"{g['max_abs_sum_error']:.3g} (limit {g['limit']}), padding up to "
+                              f"{g['max_abs_padding_score']:.3g}")
 
         num_layers = int(getattr(model.config, "num_hidden_layers", 1) or 1)
         int8, int8_gate, p8, int8_seconds = _int8(work, data.labels, langs, p32, num_layers, ecfg, show)
+        if p8 is not None:
+            scores_gate["int8"] = int8_gate.pop("token_scores", None)
         notes = [] if p8 is not None else [f"int8 not shipped: {int8['reason']}"]
 
         n = len(prepared)
@@ -741,7 +775,8 @@ def export_bundle(
             **base,
             "models": {"fp32": FP32_FILE, "int8": INT8_FILE if p8 is not None else None},
             "int8": int8,
-            "parity": {"rows": n, "data": data.source, "fp32": fp32_gate, "int8": int8_gate},
+            "parity": {"rows": n, "data": data.source, "fp32": fp32_gate, "int8": int8_gate,
+                       **({"token_scores": scores_gate} if scores_gate["fp32"] else {})},
             "graph": graph,
             "metrics": {"training": meta.get("metrics", {}), "export": metrics, "speed_at_export": speed},
             "source": {"mlflow_run_id": run_id, "backbone": meta.get("backbone"), "model_dir": str(model_dir),
@@ -788,6 +823,10 @@ def parity_table(manifest: dict) -> str:
         f"{'pass' if f['passed'] else 'FAIL'} |",
         f"| fp32 vs PyTorch label mismatches | {f['label_mismatches']} | 0 | {'pass' if f['label_mismatches'] == 0 else 'FAIL'} |",
     ]
+    for variant, t in (p.get("token_scores") or {}).items():
+        if t:
+            lines.append(f"| {variant} sum(token_scores) + bias vs logit diff | {_f(t['max_abs_sum_error'], '.2e')} | "
+                         f"{t['limit']:.0e} | {'pass' if t['passed'] else 'FAIL'} |")
     for a in q.get("attempts", []):
         val = _f(a.get("label_agreement")) + " agree, F1 drop " + _f(a.get("f1_drop")) if "error" not in a else "error"
         lines.append(f"| int8 {a['name']} | {val} | — | {'pass' if a.get('passed') else 'fail'} |")

@@ -37,12 +37,14 @@ def _mean_pool_class(base: type) -> type:
             super().__init__(config, *args, **kwargs)
             _strip_head(self, config)
 
+        def hidden_states(self, input_ids, attention_mask):
+            """The encoder's last hidden states (batch, seq, hidden)."""
+            body = getattr(self, self.base_model_prefix)
+            return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
         def pooled(self, input_ids, attention_mask):
             """Masked mean of the last hidden states: padding never counts."""
-            body = getattr(self, self.base_model_prefix)
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            return masked_mean(self.hidden_states(input_ids, attention_mask), attention_mask)
 
         def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
             if attention_mask is None:
@@ -56,6 +58,53 @@ def _mean_pool_class(base: type) -> type:
     MeanPooled.__name__ = MeanPooled.__qualname__ = f"MeanPooled{base.__name__}"
     _CLASSES[base] = MeanPooled
     return MeanPooled
+
+
+def masked_mean(hidden, attention_mask):
+    """Mean of `hidden` (batch, seq, h) over the positions where `attention_mask` is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def logits_and_token_scores(model, input_ids, attention_mask):
+    """(logits (batch, 2), token_scores (batch, seq)) of a mean-pooled model from ONE encoder pass.
+
+    The head is linear on the mean of the n unmasked hidden states h_i (dropout is the identity in eval), so
+    the spam-minus-ham logit is exactly z = sum_i s_i / n + (b_spam - b_ham) with s_i = (w_spam - w_ham) . h_i:
+    token_scores holds s_i / n at unmasked positions and 0 at padding. This is an exact additive split of z
+    given the contextual hidden states (a token's score still depends on its neighbours through attention).
+    The ONNX export's second output is this function's (training/token_scores.py); `make eval`'s error
+    report uses it too, so both show the same decomposition. The logits are computed as `forward` does."""
+    hidden = model.hidden_states(input_ids, attention_mask)
+    logits = model.classifier(model.head_dropout(masked_mean(hidden, attention_mask)))
+    w = model.classifier.weight
+    mask = attention_mask.to(hidden.dtype)
+    n = mask.sum(1, keepdim=True).clamp(min=1.0)
+    scores = (hidden * (w[1] - w[0])).sum(-1) * mask / n
+    return logits, scores
+
+
+def token_scorer(model, encoder):
+    """serving/explain.py's TokenScorer for a mean-pooled PyTorch model: (logits, each row's token scores)
+    of serving.text.Encoded rows in one forward pass (`make eval`'s error report)."""
+    import torch
+
+    def run(encoded):
+        ids, mask = encoder.pad(encoded)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            logits, scores = logits_and_token_scores(model, torch.from_numpy(ids).to(device),
+                                                     torch.from_numpy(mask).to(device))
+        scores = scores.float().cpu().numpy()
+        return logits.float().cpu().numpy(), [scores[i, :len(e.input_ids)] for i, e in enumerate(encoded)]
+
+    return run
+
+
+def head_bias(model) -> float:
+    """b_spam - b_ham of a mean-pooled model's linear head: z - sum(token_scores)."""
+    b = model.classifier.bias
+    return float((b[1] - b[0]).detach().float()) if b is not None else 0.0
 
 
 def _strip_head(model, config) -> None:
