@@ -158,14 +158,20 @@
     return utf16;
   }
 
+  // 3 decimals; effects under 0.001 with 2 significant digits instead of a misleading 0.000
+  function magnitude(x) {
+    const a = Math.abs(x);
+    return a === 0 ? "0" : a >= 0.001 ? a.toFixed(3) : a.toPrecision(2);
+  }
+
   function effectText(effect) {
     const sign = effect > 0 ? "+" : effect < 0 ? "\u2212" : "\u00b1";
-    return sign + Math.abs(effect).toFixed(3);
+    return sign + magnitude(effect);
   }
 
   function spanTitle(effect) {
-    if (effect > 0) return "raised p(spam) by " + effect.toFixed(3);
-    if (effect < 0) return "lowered p(spam) by " + (-effect).toFixed(3);
+    if (effect > 0) return "raised p(spam) by " + magnitude(effect);
+    if (effect < 0) return "lowered p(spam) by " + magnitude(effect);
     return "no effect on p(spam)";
   }
 
@@ -253,7 +259,9 @@
       message.append(highlighted(text, spans));
       item.append(message);
       if (spans.length) {
-        const details = el("details", { class: "why" }, el("summary", { text: "Why: " + spans.length + " span" + (spans.length === 1 ? "" : "s") }));
+        const how = typeof explanation.method === "string" ? " (" + explanation.method + ")" : "";
+        const details = el("details", { class: "why" },
+          el("summary", { text: "Why: " + spans.length + " span" + (spans.length === 1 ? "" : "s") + how }));
         details.append(spanTable(text, spans));
         item.append(details);
       } else {
