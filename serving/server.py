@@ -164,14 +164,17 @@ class Span(BaseModel):
                                          "code points, not UTF-16 units)")
     end: int = Field(ge=0, description="offset just past the span")
     text: str = Field(description="text[start:end] of the text as sent")
-    effect: float = Field(ge=-1.0, le=1.0, description="p(spam | text) - p(spam | text without the span): "
-                                                       "> 0 the span raised the spam probability")
+    effect: float = Field(ge=-1.0, le=1.0, description="> 0: the span raised the spam probability. decomposition: "
+                                                       "p(spam) - sigmoid(logit - the span's tokens' share of it); "
+                                                       "occlusion: p(spam | text) - p(spam | text without the span)")
 
 
 class Explanation(BaseModel):
     spans: list[Span] = Field(description="up to 5 spans that raised and 5 that lowered p(spam) most, by |effect| "
-                                          "descending (occlusion of words / 2-character CJK chunks, at most "
-                                          "--explain-max-rows variants per text)")
+                                          "descending (words / 2-character CJK chunks)")
+    method: Literal["decomposition", "occlusion"] = Field(
+        description="decomposition: the mean-pooled logit split over the tokens of the same pass (bundles with "
+                    "token_scores); occlusion: each span removed in turn (at most --explain-max-rows per text)")
 
 
 class Result(BaseModel):
@@ -374,6 +377,9 @@ class ServedModel:
     info: dict
     sha256: str
     score: Callable[[list[str]], Any] | None = None  # p(spam) of texts in one call (serving/explain.py)
+    # explain(texts, max_rows) -> [explanation] on the worker thread, and its method (serving/explain.py)
+    explain: Callable[[Sequence[str], int], list[dict]] | None = None
+    explain_method: str = "occlusion"
 
 
 class _Pending:
@@ -756,8 +762,10 @@ class _ScoreCache:
 
 
 def _served(predict: Callable[[list[str]], list[dict]], model_info: dict) -> ServedModel:
+    method, explain = X.explainer_for(predict)
     return ServedModel(predict, ModelInfo(**model_info).model_dump(),
-                       str(model_info.get("bundle_sha256") or model_info["sha256"]), X.scorer_for(predict))
+                       str(model_info.get("bundle_sha256") or model_info["sha256"]), X.scorer_for(predict),
+                       explain, method)
 
 
 def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dict]], model_info: dict, *,
@@ -964,8 +972,10 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
 
     @contextmanager
     def explain_budget(n_texts: int):
-        # Bounded like the batcher's queue: refused at once while other explanations hold max_queue rows.
-        rows = n_texts * (settings.explain_max_rows + 1)
+        # Bounded like the batcher's queue: refused at once while other explanations hold max_queue rows
+        # (a decomposition is one row per text, an occlusion up to max_rows + 1).
+        per_text = 1 if batcher.model.explain_method == "decomposition" else settings.explain_max_rows + 1
+        rows = n_texts * per_text
         if rows and explaining[0] and explaining[0] + rows > settings.max_queue:
             raise ApiError(503, "overloaded", f"explanations of {explaining[0]} model rows are waiting; retry later",
                            {"Retry-After": str(batcher.retry_after())})
@@ -978,7 +988,7 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
     async def explain_texts(texts: list[str], model: ServedModel) -> list[dict]:
         # By the model that classified them, on its worker thread between batches (never the event loop).
         try:
-            return await batcher.call(X.explain_many, texts, model.score, settings.explain_max_rows)
+            return await batcher.call(model.explain, texts, settings.explain_max_rows)
         except Exception as e:  # noqa: BLE001 - as a failed batch is answered
             log.exception("explanation failed for %d texts", len(texts))
             raise ApiError(500, "inference_error", f"explanation failed: {type(e).__name__}: {e}") from None
