@@ -3,8 +3,9 @@ language and source, each message with the spans that raised (red) and lowered (
 
     write_report(path, texts, labels, p_spam, thresholds, langs, sources, score, title=...) -> counts
 
-Spans come from serving/explain.py with the caller's scorer (training/evaluate.py passes the PyTorch model),
-the same code the server's `"explain": true` runs. One self-contained file (inline CSS, no script, nothing
+Spans come from serving/explain.py, the same code the server's `"explain": true` runs: training/evaluate.py
+passes the PyTorch model's decomposition (`attribute`, mean-pooled models: the token scores of
+training/modeling.py, as the server's bundle computes them) or its scorer for occlusion (cls-pooled ones). One self-contained file (inline CSS, no script, nothing
 loaded from elsewhere), so MLflow's artifact view shows it as it is. Messages are untrusted input: every
 piece of text in the page goes through html.escape.
 """
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from serving.explain import MAX_ROWS, attribute, top_spans
+from serving.explain import MAX_ROWS, Attribution, attribute, top_spans
 
 CAP_PER_GROUP = 20  # messages shown per (kind, language, source) group
 SHOWN_CHARS = 3000  # characters of a message shown (with its spans inside them)
@@ -60,9 +61,12 @@ def highlight(text: str, spans: Sequence[dict], limit: int = SHOWN_CHARS) -> str
 def write_report(path: str | Path, texts: Sequence[str], labels: Sequence[int], p_spam: Sequence[float],
                  thresholds: Sequence[float], langs: Sequence[str], sources: Sequence[str],
                  score: Callable[[list[str]], np.ndarray], *, title: str = "Errors", cap: int = CAP_PER_GROUP,
-                 max_rows: int = MAX_ROWS, mask_digits: bool = True) -> dict:
-    """Write the report; returns {"false_positives", "false_negatives", "explained"} (counts of all errors,
-    and of those shown with spans). A row is spam iff p_spam >= its threshold (its language's one)."""
+                 max_rows: int = MAX_ROWS, mask_digits: bool = True,
+                 explain: Callable[[str], Attribution] | None = None) -> dict:
+    """Write the report; returns {"false_positives", "false_negatives", "explained", "method"} (counts of all
+    errors, and of those shown with spans). A row is spam iff p_spam >= its threshold (its language's one).
+    `explain(text) -> Attribution`: the attribution to show (decomposition); None: occlusion with `score`."""
+    explain = explain or (lambda t: attribute(t, score, max_rows, mask_digits))
     labels, p, th = np.asarray(labels, dtype=int), np.asarray(p_spam, dtype=np.float64), np.asarray(thresholds)
     predicted = (p >= th).astype(int)
     groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
@@ -70,15 +74,16 @@ def write_report(path: str | Path, texts: Sequence[str], labels: Sequence[int], 
         kind = "fp" if predicted[i] == 1 else "fn"
         groups[(kind, str(langs[i]), str(sources[i]))].append(int(i))
     counts = {"false_positives": int(((predicted == 1) & (labels == 0)).sum()),
-              "false_negatives": int(((predicted == 0) & (labels == 1)).sum()), "explained": 0}
+              "false_negatives": int(((predicted == 0) & (labels == 1)).sum()), "explained": 0, "method": None}
     e = html.escape
     body = [f"<h1>{e(title)}</h1>",
             f"<p>{len(labels):,} messages; {counts['false_positives']:,} false positives (ham flagged as spam) and "
             f"{counts['false_negatives']:,} false negatives (spam let through) at the shipped thresholds. At most "
             f"{cap} per language and source, the most confident mistakes first. Highlighted: the spans that "
             f"<mark style='background: rgba(220,40,40,.6)'>raised</mark> and "
-            f"<mark style='background: rgba(40,170,70,.6)'>lowered</mark> the spam probability most (removing "
-            f"the span changes p(spam) by its effect; hover for the number).</p>",
+            f"<mark style='background: rgba(40,170,70,.6)'>lowered</mark> the spam probability most (hover for "
+            f"the effect: by decomposition, p(spam) minus p(spam) without the span's share of the logit; by "
+            f"occlusion, the change of p(spam) when the span is removed).</p>",
             "<table><tr><th>group</th><th>false positives</th><th>false negatives</th></tr>"]
     keys = sorted({(lang, src) for _, lang, src in groups})
     for lang, src in keys:
@@ -94,8 +99,10 @@ def write_report(path: str | Path, texts: Sequence[str], labels: Sequence[int], 
             rows = sorted(groups[key], key=lambda i: -p[i] if kind == "fp" else p[i])
             body.append(f"<h3>{e(key[1])} · {e(key[2])} ({min(cap, len(rows))} of {len(rows)})</h3>")
             for i in rows[:cap]:
-                spans = top_spans(attribute(texts[i], score, max_rows, mask_digits))
+                att = explain(texts[i])
+                spans = top_spans(att)
                 counts["explained"] += 1
+                counts["method"] = att.method
                 body.append(f'<div class="msg"><div class="meta">p(spam) {p[i]:.4f} · threshold {float(th[i]):.4f} · '
                             f"label {'spam' if labels[i] else 'ham'}</div>"
                             f'<div class="text">{highlight(texts[i], spans)}</div></div>')

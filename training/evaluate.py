@@ -318,19 +318,26 @@ def report_path(model_dir: Path, subdir: str = "") -> Path:
 
 
 def _error_report(path, model, encoder, meta, texts, labels, p, per_row, groups, run_id, title) -> None:
-    """The HTML error report, its spans explained by this PyTorch model (the server's code, serving/explain.py,
-    with this scorer), logged to `run_id` when given."""
+    """The HTML error report, its spans explained by this PyTorch model (the server's code, serving/explain.py:
+    decomposition for a mean-pooled model, as its bundle is explained; occlusion with this scorer for a
+    cls-pooled one), logged to `run_id` when given."""
+    from serving.explain import decompose_many
     from training.error_report import write_report
+    from training.modeling import pooling_of, token_scorer
 
     mask_digits = bool(meta["text"].get("mask_digits", True))
 
     def score(batch: list[str]) -> np.ndarray:  # the rows of one explained text: one forward pass
         return predict_proba(model, encoder, batch, len(batch), mask_digits, progress=False)
 
+    explain = None
+    if pooling_of(model) == "mean":
+        scorer = token_scorer(model.eval(), encoder)
+        explain = lambda t: decompose_many([t], encoder, scorer, mask_digits)[0]  # noqa: E731
     counts = write_report(path, texts, labels, p, per_row, groups["lang"], groups["source"], score, title=title,
-                          mask_digits=mask_digits)
+                          mask_digits=mask_digits, explain=explain)
     print(f"wrote {path} ({counts['false_positives']} false positives, {counts['false_negatives']} false negatives, "
-          f"{counts['explained']} shown)")
+          f"{counts['explained']} shown{', by ' + counts['method'] if counts['method'] else ''})")
     if run_id:
         from mlflow import MlflowClient
 
