@@ -1,10 +1,11 @@
 """Shared fixtures: a tiny trained model directory (DESIGN §3) and the bundle exported from it (§5).
 
-`tiny_model_dir` (session): the `tiny` backbone (random 2-layer BERT with the e5 tokenizer) trained for a
+`tiny_model_dir` (session): the `tiny` backbone (cls pooling) (random 2-layer BERT with the e5 tokenizer) trained for a
 few dozen steps on templated spam/ham messages in zh/ja/ko/en, so its validation logits sit far from
 the threshold; beside it a prepared dataset (train/validation/test, §1 columns) that spamlingo.json's
 data_dir points at. `tiny_bundle` (session): `training.export.export_bundle` of that model into a
-temporary bundles/ root; the fixture's value is the bundle directory (a Path).
+temporary bundles/ root; the fixture's value is the bundle directory (a Path). `tiny_mean_model_dir` and
+`tiny_mean_bundle`: the same with model.pooling=mean, whose graph has the token_scores output.
 
 Both are built once per test session (about 15 s on 2 cores) and must not be modified by tests: copy
 them first (`shutil.copytree`) to tamper with files.
@@ -112,7 +113,8 @@ def write_tiny_dataset(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def train_tiny_model(model_dir: Path, data_dir: Path, truncation: str = "head_tail", steps: int = 30) -> Path:
+def train_tiny_model(model_dir: Path, data_dir: Path, truncation: str = "head_tail", steps: int = 30,
+                     pooling: str = "cls") -> Path:
     """The tiny backbone trained for `steps` full-batch AdamW steps; written as a model directory (§3)."""
     import torch
     from datasets import load_from_disk
@@ -126,7 +128,7 @@ def train_tiny_model(model_dir: Path, data_dir: Path, truncation: str = "head_ta
     # Embeddings train too: with the vocabulary trimmed to these texts they are small, and it takes the
     # loss to ~0.03 in 30 steps (frozen random embeddings leave the scores bunched near 0.1 and 0.8).
     mcfg = ModelConfig(backbone="tiny", max_length=TINY_MAX_LENGTH, truncation=truncation, dropout=0.0,
-                       freeze_embeddings=False)
+                       freeze_embeddings=False, pooling=pooling)
     corpus = texts + list(ds["validation"]["text"]) + list(ds["test"]["text"])
     model, tokenizer, _info = load_backbone(mcfg, corpus_texts=corpus)
     settings = TextSettings(mask_digits=True, max_length=TINY_MAX_LENGTH, truncation=truncation)
@@ -182,6 +184,24 @@ def tiny_bundle(tmp_path_factory, tiny_model_dir) -> Path:
 
     root = tmp_path_factory.mktemp("bundles")
     return export_bundle(Config(), tiny_model_dir, out_root=root, name="tiny", show=False, threads=1).bundle_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_mean_model_dir(tmp_path_factory, tiny_data_dir) -> Path:
+    """`tiny_model_dir` with model.pooling=mean (the default config's head): its bundle has token_scores."""
+    root = tmp_path_factory.mktemp("tiny_mean_run")
+    return train_tiny_model(root / "runs" / "tiny_mean" / "model", tiny_data_dir, pooling="mean")
+
+
+@pytest.fixture(scope="session")
+def tiny_mean_bundle(tmp_path_factory, tiny_mean_model_dir) -> Path:
+    """The bundle of `tiny_mean_model_dir`: logits and token_scores outputs (training/token_scores.py)."""
+    from training.config import Config
+    from training.export import export_bundle
+
+    root = tmp_path_factory.mktemp("mean_bundles")
+    return export_bundle(Config(), tiny_mean_model_dir, out_root=root, name="tiny_mean", show=False,
+                         threads=1).bundle_dir
 
 
 @pytest.fixture(scope="module")
