@@ -8,7 +8,9 @@ what a reviewer sees against the server's own answer for the same text: verdict,
 threshold, and the highlighted spans at the offsets the API gave (code points, here with emoji and an astral
 ideograph before them: a JavaScript string counts those as two units each); that markup in a message stays
 text and runs nothing; the API key flow (401 shown without it, kept in sessionStorage); file upload; and that
-"verdict is wrong" stores the opposite label in the server's feedback store.
+"verdict is wrong" stores the opposite label in the server's feedback store (and a server without a store
+answers it 503); a response without explanations (an older server) still shows the verdict; and both explain
+methods (occlusion: tiny_bundle; decomposition: tiny_mean_bundle, what the default config exports) highlight.
 """
 
 from __future__ import annotations
@@ -332,5 +334,21 @@ def test_a_server_without_a_feedback_store_answers_the_button_with_503(browser, 
         outcome = row.find_element("css selector", ".outcome")
         WebDriverWait(browser, WAIT).until(lambda d: outcome.get_attribute("data-status"))
         assert outcome.get_attribute("data-status") == "503" and "stores no feedback" in outcome.text
+    finally:
+        server.stop()
+
+
+def test_a_decomposition_bundle_is_highlighted_the_same_way(browser, tiny_mean_bundle, tmp_path):
+    # the default config's bundles (mean pooling): explained by decomposition, the method named under "Why"
+    server = start_server(tiny_mean_bundle, tmp_path, env={"SPAMLINGO_API_KEY": KEY})
+    try:
+        _open(browser, server)
+        (row,) = _submit(browser, SPAM)
+        (want,) = _api(server, [SPAM])
+        assert want["explanation"]["method"] == "decomposition" and want["explanation"]["spans"]
+        marks = row.find_elements("css selector", ".message mark.span")
+        assert sorted(m.get_attribute("textContent") for m in marks) == sorted(
+            s["text"] for s in want["explanation"]["spans"])
+        assert "(decomposition)" in row.find_element("css selector", "details.why summary").get_attribute("textContent")
     finally:
         server.stop()
