@@ -31,7 +31,11 @@ def test_defaults_without_a_file():
 def test_repository_configs_load():
     default = load_config("configs/default.yaml")
     assert set(default.data.corpora) == {"uci_sms", "zh_sms", "spamassassin", "enron", "cjk_seed", "licensed_ham",
-                                         "zh_fraud"}
+                                         "zh_fraud", "notice_seed", "feedback"}
+    # defined and off: the fraud corpus (its licence), notice_seed (measured: it lost), feedback (make retrain)
+    assert [n for n, c in default.data.corpora.items() if not c.enabled] == ["zh_fraud", "notice_seed", "feedback"]
+    assert default.data.corpora["feedback"].format == "feedback"
+    assert load_config("configs/smoke.yaml").retrain.model_name != default.retrain.model_name
     assert default.model.pooling == "mean" and default.train.linear_probe
     assert set(default.ood.folds) == {"zh_sms", "email", "spamassassin", "cjk_seed", "seeded"}
     previous = load_config("configs/previous-default.yaml")

@@ -64,7 +64,8 @@ def loop(tmp_path, monkeypatch, tiny_bundle):
 def _champion() -> tuple[str, str]:
     from mlflow import MlflowClient
 
-    mv = MlflowClient().get_model_version_by_alias("spamlingo", "champion")
+    cfg = load_config(SMOKE)  # the smoke config registers under a name of its own
+    mv = MlflowClient().get_model_version_by_alias(cfg.retrain.model_name, cfg.retrain.alias)
     return mv.version, mv.run_id
 
 
