@@ -159,11 +159,16 @@ def compare(cfg: Config, cand_cfg: Config, scorers: dict, progress=print) -> tup
     return gates, measured
 
 
+def _allowed(g: Gate) -> str:
+    """The change a gate allows: '>= -0.005' (may fall by that much), '<= +0.005' (may rise by that much)."""
+    return f">= {-g.tolerance:+.3f}" if g.higher_is_better else f"<= {g.tolerance:+.3f}"
+
+
 def gate_table(gates: list[Gate]) -> str:
     rows = ["| gate | metric | champion | candidate | change | allowed change | |", "|---|---|---|---|---|---|---|"]
     for g in sorted(gates, key=lambda g: g.passed):  # failures first
         change = g.candidate - g.champion
-        allowed = f"{'>=' if g.higher_is_better else '<='} {'-' if g.higher_is_better else '+'}{g.tolerance:.3f}"
+        allowed = _allowed(g)
         rows.append(f"| {g.scope} | {g.metric} | {g.champion:.4f} | {g.candidate:.4f} | {change:+.4f} | {allowed} "
                     f"| {'ok' if g.passed else 'FAILED'} |")
     return "\n".join(rows)
@@ -239,8 +244,7 @@ def retrain(cfg: Config, reload_url: str = "", admin_key: str = "", progress=pri
         _log_decision(cand_cfg, run_id, gates, measured, "refused", champion)
         worst = failed[0]
         progress(f"retrain: REFUSED: {len(failed)} gate(s) failed, first {worst.scope} {worst.metric} "
-                 f"{worst.champion:.4f} -> {worst.candidate:.4f} (allowed "
-                 f"{'-' if worst.higher_is_better else '+'}{worst.tolerance:.3f}); the champion stays "
+                 f"{worst.champion:.4f} -> {worst.candidate:.4f} (allowed change {_allowed(worst)}); the champion stays "
                  f"{'version ' + champion['version'] if champion else ''}. Candidate: run {run_id}, {model_dir}")
         return REFUSED
     try:
