@@ -245,16 +245,21 @@ def test_explain_through_a_real_server_with_its_key_and_limit(tiny_bundle, tmp_p
 # ------------------------------------------------------------------------------------------ bench figure
 
 
-def test_bench_figure_quick(tmp_path, tiny_model_dir, tiny_bundle):
-    from bench import run as bench_run
-
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--run", str(tiny_model_dir), "--bundle",
-                           str(tiny_bundle), "--quick", "--only", "explain", "--threads", "1",
+def run_explain_bench(tmp_path: Path, model_dir: Path, bundle: Path) -> dict:
+    """`python -m bench.run --quick --only explain` on a tiny run and bundle; the figure's JSON record."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--run", str(model_dir), "--bundle",
+                           str(bundle), "--quick", "--only", "explain", "--threads", "1",
                            "--results", str(tmp_path / "results"), "--markdown", str(tmp_path / "BENCH.md")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rec = json.loads((tmp_path / "results" / "explain.json").read_text(encoding="utf-8"))
+    return json.loads((tmp_path / "results" / "explain.json").read_text(encoding="utf-8"))
+
+
+def test_bench_figure_quick(tmp_path, tiny_model_dir, tiny_bundle):
+    from bench import run as bench_run
+
+    rec = run_explain_bench(tmp_path, tiny_model_dir, tiny_bundle)
     assert rec["figure"] == "explain" and rec["command"].startswith("python -m bench.run --only explain ")
     res = rec["result"]
     assert set(res["deletion"]) == {"en", "zh", "ja", "ko"}

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,7 +16,6 @@ import pytest
 from serving import explain as X
 from serving.text import normalize_with_offsets
 
-ROOT = Path(__file__).resolve().parent.parent
 
 TEXTS = ["WIN a FREE iphone now! Click http://win.example.com to claim your prize",
          "恭喜您中奖了!点击链接领取手机大奖,限时优惠",
@@ -248,13 +243,9 @@ def test_eval_decomposition_matches_the_servers(tiny_mean_bundle, tiny_mean_mode
 
 
 def test_bench_figure_quick_on_a_mean_pooled_bundle(tmp_path, tiny_mean_model_dir, tiny_mean_bundle):
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--run", str(tiny_mean_model_dir), "--bundle",
-                           str(tiny_mean_bundle), "--quick", "--only", "explain", "--threads", "1",
-                           "--results", str(tmp_path / "results"), "--markdown", str(tmp_path / "BENCH.md")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = json.loads((tmp_path / "results" / "explain.json").read_text(encoding="utf-8"))["result"]
+    from test_explain import run_explain_bench
+
+    res = run_explain_bench(tmp_path, tiny_mean_model_dir, tiny_mean_bundle)["result"]
     assert res["method"] == "decomposition" and set(res["deletion_by_method"]) == {"decomposition", "occlusion"}
     assert res["deletion"] == res["deletion_by_method"]["decomposition"]
     cost = res["cost"]
