@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -102,6 +102,10 @@ def prepare_texts(encoder: Encoder, settings: TextSettings, texts: Sequence[str]
     return [Prepared(e, language_tag(t)) for e, t in zip(encoder.encode_batch(norm), norm)]
 
 
+def _length(item: Prepared | Encoded) -> int:
+    return len(item) if isinstance(item, Prepared) else len(item.input_ids)
+
+
 class Classifier:
     """Spam classifier over a loaded bundle.
 
@@ -162,22 +166,24 @@ class Classifier:
         items = list(items)
         logits = np.empty((len(items), 2), dtype=np.float64)
         scores: list[np.ndarray] = [np.empty(0)] * len(items)
-        lengths = [len(i) if isinstance(i, Prepared) else len(i.input_ids) for i in items]
-        for idx in length_batches(lengths, self.batch_size):
-            ids, mask = self.pad([items[k] for k in idx])
+        for idx, ids, mask in self._padded_batches(items):
             out, s = self.run_decomposed(ids, mask)
             logits[idx] = out
             for row, k in enumerate(idx):
-                scores[k] = s[row, :lengths[k]].astype(np.float64)
+                scores[k] = s[row, :_length(items[k])].astype(np.float64)
         return logits, scores
+
+    def _padded_batches(self, items: list[Prepared | Encoded]) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """(indices into `items`, padded ids, mask) of each length-sorted sub-batch of `batch_size`."""
+        for idx in length_batches([_length(i) for i in items], self.batch_size):
+            ids, mask = self.pad([items[k] for k in idx])
+            yield idx, ids, mask
 
     def logits(self, items: Sequence[Prepared | Encoded]) -> np.ndarray:
         """Logits (n, 2) of prepared texts, in input order, computed in length-sorted sub-batches."""
         items = list(items)
         out = np.empty((len(items), 2), dtype=np.float64)
-        lengths = [len(i) if isinstance(i, Prepared) else len(i.input_ids) for i in items]
-        for idx in length_batches(lengths, self.batch_size):
-            ids, mask = self.pad([items[k] for k in idx])
+        for idx, ids, mask in self._padded_batches(items):
             out[idx] = self.run_encoded(ids, mask)
         return out
 
