@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from training.config import Config, ConfigError, cli_args, fail, load_config, with_overrides
+from training.data import FEEDBACK
 
 REFUSED = 3  # exit status of a refused promotion (a cron job can tell it from a crash: 1, or a mistake: 2)
-FEEDBACK_FORMAT = "feedback"
 
 
 class RetrainError(Exception):
@@ -62,7 +62,7 @@ class Gate:
 def candidate_config(cfg: Config) -> Config:
     name = cfg.retrain.feedback_corpus
     cc = cfg.data.corpora.get(name)
-    if cc is None or cc.format != FEEDBACK_FORMAT:
+    if cc is None or cc.format != FEEDBACK:
         raise RetrainError(f"retrain.feedback_corpus is {name!r}, but data.corpora has no such entry with "
                            f"format: feedback (configs/default.yaml has one: copy it into CONFIG)")
     return with_overrides(cfg, [f"data.corpora.{name}.enabled=true",
