@@ -376,6 +376,58 @@ def test_cap_and_weight(tmp_path):
     assert weighted["unweighted_train"]["counts"] == base["splits"]["train"]["counts"]
 
 
+def test_train_only_corpus_never_reaches_validation_or_test(tmp_path):
+    rng = random.Random(4)
+    a = [[f"a{i}", "spam" if i % 3 == 0 else "ham", _sentence(rng)] for i in range(300)]
+    _write_csv(tmp_path / "a.csv", ["id", "label", "text"], a)
+    seed = [[f"s{i}", "spam" if i % 2 else "ham", _sentence(rng)] for i in range(100)]
+    seed += [[f"copy{i}", a[i][1], a[i][2] + " x"] for i in range(10)]  # near-duplicates of corpus a's rows
+    _write_csv(tmp_path / "seed.csv", ["id", "label", "text"], seed)
+
+    def run(name, train_only):
+        corpora = {"a": CorpusConfig(path=str(tmp_path / "a.csv"), id="id"),
+                   "seed": CorpusConfig(path=str(tmp_path / "seed.csv"), id="id", train_only=train_only)}
+        cfg = _data_cfg(tmp_path, corpora, output_dir=str(tmp_path / name), mix_card=str(tmp_path / f"{name}.md"))
+        out = prepare(cfg)
+        from datasets import load_from_disk
+
+        return load_from_disk(str(out / "dataset")), Path(cfg.data.mix_card).read_text(encoding="utf-8")
+
+    mixed, _ = run("mixed", False)
+    assert any(r["source"] == "seed" for s in ("validation", "test") for r in mixed[s])
+    dd, card = run("train_only", True)
+    assert all(r["source"] != "seed" for s in ("validation", "test") for r in dd[s])
+    assert sum(r["source"] == "seed" for r in dd["train"]) == 110  # every row kept, none lost
+    # the copies' near-duplicate partners in corpus a follow them into train: no group straddles splits
+    copied = {normalize(a[i][2], True) for i in range(10)}
+    assert {s for s in SPLITS for r in dd[s] if r["text"] in copied} == {"train"}
+    assert sum(r["source"] == "a" for s in ("validation", "test") for r in dd[s]) >= 0.2 * 290
+    assert "(train only)" in card
+
+
+def test_langs_keeps_only_the_listed_languages_and_counts_the_rest(tmp_path):
+    records = [{"id": f"r{i}", "label": "spam" if i % 2 else "ham", "text": t} for i, t in enumerate([
+        "Your parcel is waiting, pay the fee at http://x.example", "Lunch tomorrow at noon?",
+        "お荷物の配達に失敗しました。こちらから確認してください", "明日のランチ、楽しみにしています",
+        "고객님의 택배가 반송되었습니다 확인하세요", "내일 점심 같이 먹어요",
+        "恭喜您获得大奖，请点击链接领取", "明天一起吃午饭吧"] * 3)]
+    for i, r in enumerate(records):  # three distinct copies of each (digits would be masked to one)
+        r["text"] += " " + "xyz"[i // 8] * 3
+    _write_jsonl(tmp_path / "m.jsonl", records)
+    corpora = {"m": CorpusConfig(path=str(tmp_path / "m.jsonl"), id="id", langs=["ja", "ko", "zh"])}
+    out = prepare(_data_cfg(tmp_path, corpora))
+    from datasets import load_from_disk
+
+    dd = load_from_disk(str(out / "dataset"))
+    assert sorted({r["lang"] for _, r in _all_rows(dd)}) == ["ja", "ko", "zh"]
+    assert sum(len(dd[s]) for s in SPLITS) == 18
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["drops_by_source"]["m"] == {"other_language": 6}
+    corpora["m"].langs = ["jp"]
+    with pytest.raises(DataError, match=r"data\.corpora\.m\.langs: \['jp'\]"):
+        prepare(_data_cfg(tmp_path, corpora, output_dir=str(tmp_path / "bad")))
+
+
 def test_ensure_prepared_reuses_and_refreshes(tmp_path):
     corpora = _fixture_corpora(tmp_path)
     cfg = _data_cfg(tmp_path, corpora)

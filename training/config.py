@@ -46,6 +46,12 @@ class CorpusConfig:
     cap: int | None = None  # keep at most this many rows (sampled by seed, stratified by label)
     weight: float = 1.0  # sampling weight of this corpus's training rows (1.0 = as is)
     enabled: bool = True  # False: defined, documented, but left out of the mix
+    # True: every row goes to the training split (with its near-duplicate group), none to validation or test:
+    # teaching material (hard cases, written seeds) that must not move the threshold chosen on validation
+    train_only: bool = False
+    # keep only rows whose language tag (serving.text.language_tag, from the text) is listed; [] = all.
+    # The others are dropped and counted as "other_language"
+    langs: list[str] = field(default_factory=list)
     # format "feedback" only, the poisoning guard (training/feedback_data.py): no reporter contributes
     # more than max(max_reporter_share x the reports, min_reporter_rows) texts; the rest is held back
     max_reporter_share: float = 0.2
@@ -117,6 +123,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     grad_accum: int = 1
     learning_rate: float = 5e-5
+    # layer-wise learning-rate decay: the head keeps learning_rate, encoder layer k (of L) gets
+    # learning_rate x decay^(L - k), the embeddings decay^(L + 1): lower layers move less (1.0 = one rate)
+    layer_lr_decay: float = 1.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     class_balance: str = "weighted_loss"  # weighted_loss | sampler | none
@@ -150,6 +159,7 @@ class EvalConfig:
     # a threshold per language (same rule, on that language's validation rows) where it has at least
     # threshold_min_ham ham and threshold_min_spam spam validation rows; the others use the global one
     per_language_thresholds: bool = True
+    per_language_lower: bool = True  # False: a language's own threshold only where above the global one
     threshold_min_ham: int = 100
     threshold_min_spam: int = 20
 

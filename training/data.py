@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from serving.text import NORMALIZER_VERSION, language_tag, normalize
+from serving.text import LANGS, NORMALIZER_VERSION, language_tag, normalize
 from training import feedback_data
 from training.config import (
     ROOT,
@@ -347,6 +347,14 @@ def load_corpus(name: str, cc: CorpusConfig, dcfg: DataConfig, drops: DropLog) -
     with tqdm(desc=f"load {name}", unit=" rows", disable=None, leave=False) as bar:
         for path in _corpus_files(name, cc):
             rows.extend(_read_file(path, spec, name, cc.channel, dcfg, drops, progress=bar))
+    if cc.langs:
+        kept = []
+        for r in rows:
+            if language_tag(r["text"]) in cc.langs:
+                kept.append(r)
+            else:
+                drops.add(name, "other_language", r["id"])
+        rows = kept
     return rows
 
 
@@ -475,17 +483,23 @@ def near_duplicate_groups(texts: list[str], threshold: float, shingle: int, num_
 # ------------------------------------------------------------------------------------------ splitting
 
 
-def split_groups(rows: list[dict], fractions: dict[str, float], seed: int) -> list[str]:
+def split_groups(rows: list[dict], fractions: dict[str, float], seed: int,
+                 train_only: frozenset[str] = frozenset()) -> list[str]:
     """The split of every row. Groups are stratified by (source, label) of their first row; within a
-    stratum they are shuffled by seed, placed largest first, each into the split furthest below its target."""
+    stratum they are shuffled by seed, placed largest first, each into the split furthest below its target.
+    A group with a row of a `train_only` source goes to train whole (a group never straddles splits)."""
     members: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         members[r["group"]].append(i)
     strata: dict[tuple[str, int], list[int]] = defaultdict(list)
+    out = [""] * len(rows)
     for g, idx in members.items():
+        if any(rows[i]["source"] in train_only for i in idx):
+            for i in idx:
+                out[i] = "train"
+            continue
         first = rows[idx[0]]
         strata[(first["source"], first["label"])].append(g)
-    out = [""] * len(rows)
     for (source, label), groups in sorted(strata.items()):
         rng = _rng(seed, "split", source, str(label))
         rng.shuffle(groups)
@@ -535,6 +549,9 @@ def _check_config(d: DataConfig) -> None:
             raise DataError(f"data.corpora.{name}.weight must be > 0 (use enabled: false to leave it out)")
         if cc.cap is not None and cc.cap < 1:
             raise DataError(f"data.corpora.{name}.cap must be a positive number of rows (or null)")
+        if set(cc.langs) - set(LANGS):
+            raise DataError(f"data.corpora.{name}.langs: {sorted(set(cc.langs) - set(LANGS))} not among the "
+                            f"language tags {', '.join(LANGS)}")
     if not any(cc.enabled for cc in d.corpora.values()):
         raise DataError("no enabled corpus in data.corpora")
 
@@ -582,7 +599,8 @@ def build_splits(cfg: Config) -> dict:
         else:
             got, info = load_corpus(name, cc, d, drops), None
         corpora[name] = {"enabled": True, "channel": cc.channel, "path": cc.path, "lang_hint": cc.lang_hint,
-                         "cap": cc.cap, "weight": cc.weight, "rows_usable": len(got)}
+                         "cap": cc.cap, "weight": cc.weight, "train_only": cc.train_only,
+                         "rows_usable": len(got)}
         if info is not None:
             corpora[name]["feedback"] = info
         rows.extend(got)
@@ -619,7 +637,8 @@ def build_splits(cfg: Config) -> dict:
             group_sources[r["group"]].add(r["source"])
     fractions = {"validation": d.validation_fraction, "test": d.test_fraction,
                  "train": 1 - d.validation_fraction - d.test_fraction}
-    assigned = split_groups(rows, fractions, d.seed)
+    train_only = frozenset(n for n, cc in d.corpora.items() if cc.enabled and cc.train_only)
+    assigned = split_groups(rows, fractions, d.seed, train_only)
     splits = {s: [r for r, a in zip(rows, assigned) if a == s] for s in SPLITS}
     unweighted_train = splits["train"]
     train: list[dict] = []
@@ -825,15 +844,18 @@ def mix_card(manifest: dict, splits: dict[str, list[dict]], stats: dict) -> str:
     rows = []
     for n, c in corpora.items():
         if c["enabled"]:
-            bad = sum(v for k, v in manifest["drops_by_source"].get(n, {}).items() if k != "label_conflict")
+            bad = sum(v for k, v in manifest["drops_by_source"].get(n, {}).items()
+                      if k not in ("label_conflict", "other_language"))
             rows.append([n, c["channel"], "yes", c["rows_usable"], bad, c["exact_duplicates"], c["label_conflicts"],
-                         c["cap"] if c["cap"] is not None else "-", c["rows_kept"], f"{c['weight']:g}"])
+                         c["cap"] if c["cap"] is not None else "-", c["rows_kept"],
+                         f"{c['weight']:g}" + (" (train only)" if c.get("train_only") else "")])
         else:
             rows.append([n, c["channel"], "**no**", "-", "-", "-", "-", "-", "-", "-"])
     out.append(_table(["corpus", "channel", "enabled", "usable rows", "bad rows dropped", "exact dups removed",
                        "label conflicts dropped", "cap", "rows kept", "train weight"], rows))
     out += ["", "`usable rows` are rows that passed the row checks; `rows kept` is after duplicate removal and "
-            "the cap. `train weight` repeats (> 1) or subsamples (< 1) that corpus's training rows only."]
+            "the cap. `train weight` repeats (> 1) or subsamples (< 1) that corpus's training rows only; a "
+            "*train only* corpus has no validation or test rows (they cannot move the threshold)."]
     if disabled:
         out += ["", "Left out of this mix (defined in the config with `enabled: false`): "
                 + ", ".join(f"`{n}` (opt in with `data.corpora.{n}.enabled=true`; read its data card first)"
