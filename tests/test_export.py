@@ -162,7 +162,8 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
     assert not (res.bundle_dir / "model.int8.onnx").exists()
     assert m["int8"]["status"] == "failed" and "label agreement" in m["int8"]["reason"]
     names = [a["name"] for a in m["int8"]["attempts"]]
-    assert names == ["plain", "per_channel", "per_channel_reduce_range", "fp32_ffn_out_lower_half", "fp32_ffn_out",
+    assert names == ["plain", "per_channel", "per_channel_reduce_range", "int8_blocks_ffn_out",
+                     "int8_blocks_matmuls", "fp32_ffn_out_lower_half", "fp32_ffn_out",
                      "exclude_sensitive", "weight_only"]
     assert not [a for a in m["int8"]["attempts"] if "error" in a]  # every recipe built and ran
     assert m["parity"]["rows"] == 20 and "20 of 48" in m["parity"]["data"]
@@ -219,9 +220,9 @@ def test_export_carries_the_per_language_policy(tiny_model_dir, tmp_path):
 
 
 def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):
-    from training.export import _sensitive_nodes
+    from training.quantize import sensitive_nodes
 
-    nodes = _sensitive_nodes(tiny_bundle / "model.onnx", num_layers=2)
+    nodes = sensitive_nodes(tiny_bundle / "model.onnx", num_layers=2)
     tail = nodes["last_layer_and_head"]
     assert "Attention_1" in tail and "Attention_0" not in tail  # fused nodes placed by graph order
     assert any("layer.1/" in n for n in tail) and not any("layer.0/" in n for n in tail)
@@ -229,6 +230,36 @@ def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):
     # the feed-forward output projection of each layer, by layer (not the attention output projection)
     assert sorted(nodes["ffn_out"]) == [0, 1]
     assert all(len(v) == 1 and "/output/dense" in v[0] and "attention" not in v[0] for v in nodes["ffn_out"].values())
+
+
+def test_block_recipes_quantise_the_layer_matmuls_in_blocks(tiny_bundle, tmp_path):
+    """int8_blocks_*: the chosen projections become 8-bit MatMulNBits (activations quantised per block of
+    32, not per tensor), the other weighted nodes dynamic int8, and the graph still runs close to fp32."""
+    import onnx
+    import onnxruntime as ort
+
+    from training.quantize import int8_recipes, quantize, sensitive_nodes
+
+    src = tiny_bundle / "model.onnx"
+    nodes = sensitive_nodes(src, 2)
+    ffn = [n for v in nodes["ffn_out"].values() for n in v]
+    assert len(nodes["layer_matmuls"]) == 6 and set(ffn) < set(nodes["layer_matmuls"])  # 3 per layer
+    assert any("attention/output/dense" in n for n in nodes["layer_matmuls"])
+    assert any("intermediate/dense" in n for n in nodes["layer_matmuls"])
+    recipes = {r["name"]: r for r in int8_recipes(src, 2)}
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(5, 100, size=(4, 16)).astype(np.int64),
+             "attention_mask": np.ones((4, 16), dtype=np.int64)}
+    z32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    for name, blocks in (("int8_blocks_ffn_out", 2), ("int8_blocks_matmuls", 6)):
+        assert sorted(recipes[name]["weight_only_nodes"]) == sorted(ffn if blocks == 2 else nodes["layer_matmuls"])
+        dst = tmp_path / f"{name}.onnx"
+        quantize(src, dst, recipes[name])
+        ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+        assert ops.count("MatMulNBits") == blocks and "MatMulInteger" in ops, (name, ops)
+        assert dst.stat().st_size < 0.5 * src.stat().st_size
+        z8 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+        assert np.abs(z32 - z8).max() < 0.2
 
 
 def test_explicit_texts_and_no_optimisation(tiny_model_dir, tmp_path):

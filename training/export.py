@@ -17,8 +17,11 @@ Steps
    transformer fusions are applied and kept only if the fused graph passes the same gate.
 4. int8 (dynamic quantisation), remedies tried in order until one passes the int8 gate (label agreement
    with fp32 >= export.int8_min_agreement, spam-F1 drop <= export.int8_max_f1_drop overall and per
-   language): plain; per-channel; per-channel + reduced range; per-channel without the last encoder layer
-   and the embeddings; weight-only 8-bit MatMuls. None passing: the bundle ships fp32 only and says why.
+   language), from training/quantize.py: plain; per-channel; per-channel + reduced range; the feed-forward
+   output projections, then every layer MatMul, in 8-bit blocks (MatMulNBits: a scale per 32 weights and per
+   32 activations); the feed-forward output projections in fp32 (lowest layers first, then all); per-channel
+   without the last encoder layer and the embeddings; weight-only 8-bit MatMuls everywhere. None passing:
+   the bundle ships fp32 only and says why.
 5. bundles/<name>/: model.onnx, model.int8.onnx, tokenizer.json, bundle.json (checksums of every file);
    logged to the source MLflow run as `bundle/`, and with --register NAME registered as a model version.
 
@@ -48,6 +51,7 @@ from serving.bundle import FORMAT_VERSION, TOKENIZER, BundleError, load_bundle, 
 from serving.inference import Classifier, Prepared, length_batches, prepare_texts, spam_probability
 from serving.text import Encoder, TextSettings
 from training import token_scores as TS
+from training.quantize import int8_recipes, quantize
 from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
 
 MODEL_META = "spamlingo.json"
@@ -389,122 +393,6 @@ def int8_parity(labels, langs, p_fp32, p_int8, threshold, min_agreement: float, 
     return {"label_agreement": agree, "min_agreement": min_agreement, "max_f1_drop": max_f1_drop,
             "min_lang_rows": MIN_LANG_ROWS, "scopes": table, "passed": not reasons,
             "reason": "; ".join(reasons)}
-
-
-# ------------------------------------------------------------------------------------------ int8
-
-
-def _sensitive_nodes(path: Path, num_layers: int) -> dict:
-    """Names of the nodes the 'exclude_sensitive' recipe keeps in fp32: the weight-bearing MatMul/Attention
-    nodes of the last encoder layer and the head, and the embedding lookups.
-
-    (The pooler and classifier are Gemm nodes; dynamic quantisation turns them into MatMulInteger. A
-    mean-pooled model's head is kept in fp32 by training/token_scores.py `keep_head_fp32`.)
-    The last layer starts after the last node named for the layer before it ("…/layer.10/…"): a fused
-    Attention node carries no layer in its name but sits in the graph's (topological) order. Without
-    layer names at all, the last 1/num_layers of those nodes is taken."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    nodes = list(graph.node)
-    weighted = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Attention") and n.name]
-    layer_of = {}
-    for i, n in enumerate(nodes):
-        found = re.findall(r"layers?[._/](\d+)[._/]", n.name + "/")
-        if found:
-            layer_of[i] = int(found[-1])
-    if layer_of and max(layer_of.values()) > 0:
-        before_last = max(layer_of.values()) - 1
-        boundary = max(i for i, layer in layer_of.items() if layer == before_last)
-        tail = [nodes[i].name for i in weighted if i > boundary]
-    else:
-        k = max(1, math.ceil(len(weighted) / max(1, num_layers)))
-        tail = [nodes[i].name for i in weighted[-k:]]
-    initializers = {t.name for t in graph.initializer}
-    emb = [n.name for n in nodes if n.name and n.op_type in ("Gather", "EmbedLayerNormalization")
-           and any(i in initializers for i in n.input)]
-    # The feed-forward output projections read the GELU activations, whose outliers are what a per-batch
-    # activation scale handles worst (the usual int8 loss in BERT-style encoders).
-    ffn_out: dict[int, list[str]] = {}
-    for i in weighted:
-        name = nodes[i].name
-        if i in layer_of and re.search(r"[./]output[./]dense", name) and "attention" not in name:
-            ffn_out.setdefault(layer_of[i], []).append(name)
-    return {"last_layer_and_head": tail, "embeddings": emb, "ffn_out": ffn_out}
-
-
-def int8_recipes(fp32_path: Path, num_layers: int) -> list[dict]:
-    """The remedies, cheapest first; the first that passes both gates ships. Keeping the feed-forward output
-    projections of the lower half of the layers in fp32 costs ~1.8 MB per e5-small layer; all of them,
-    twice that (measured on the default run: 37.6 vs 44.7 MB, against 30.5 MB for per_channel)."""
-    nodes = _sensitive_nodes(fp32_path, num_layers)
-    ffn = nodes["ffn_out"]
-    lower = [n for layer in sorted(ffn)[: (len(ffn) + 1) // 2] for n in ffn[layer]]
-    every = [n for layer in sorted(ffn) for n in ffn[layer]]
-    recipes = [
-        {"name": "plain", "method": "dynamic", "per_channel": False, "reduce_range": False},
-        {"name": "per_channel", "method": "dynamic", "per_channel": True, "reduce_range": False},
-        {"name": "per_channel_reduce_range", "method": "dynamic", "per_channel": True, "reduce_range": True},
-    ]
-    if ffn:
-        layers = sorted(ffn)
-        # fp32 for the lowest one or two layers' projections first: ~1.8 MB each with e5-small, where the
-        # lower half of 8 layers costs ~7 MB (the int8 bundle has a 40 MB budget)
-        recipes += [
-            {"name": f"fp32_ffn_out_lower_{k}", "method": "dynamic", "per_channel": True, "reduce_range": False,
-             "nodes_to_exclude": [n for layer in layers[:k] for n in ffn[layer]]}
-            for k in (1, 2) if k < (len(ffn) + 1) // 2
-        ]
-        recipes += [
-            {"name": "fp32_ffn_out_lower_half", "method": "dynamic", "per_channel": True, "reduce_range": False,
-             "nodes_to_exclude": lower},
-            {"name": "fp32_ffn_out", "method": "dynamic", "per_channel": True, "reduce_range": False,
-             "nodes_to_exclude": every},
-        ]
-    return recipes + [
-        {"name": "exclude_sensitive", "method": "dynamic", "per_channel": True, "reduce_range": False,
-         "nodes_to_exclude": nodes["last_layer_and_head"] + nodes["embeddings"]},
-        {"name": "weight_only", "method": "weight_only", "bits": 8, "block_size": 32, "symmetric": True},
-    ]
-
-
-def _with_shapes(src: Path, dst: Path) -> Path:
-    """A fused graph holds ONNX Runtime contrib ops (Attention, SkipLayerNormalization...) that ONNX's own
-    shape inference cannot type, and quantize_dynamic needs those types: run ONNX Runtime's symbolic
-    shape inference (which knows them) once and quantize that copy. A plain graph is returned as is."""
-    import onnx
-
-    model = onnx.load(str(src))
-    if not any(n.domain == "com.microsoft" for n in model.graph.node):
-        return src
-    if not dst.exists():
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        onnx.save(SymbolicShapeInference.infer_shapes(model, auto_merge=True), str(dst))
-    return dst
-
-
-def quantize(src: Path, dst: Path, recipe: dict) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" notice
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if recipe["method"] == "dynamic":
-            src = _with_shapes(src, dst.with_name(".shapes.onnx"))
-            quantize_dynamic(str(src), str(dst), per_channel=recipe["per_channel"],
-                             reduce_range=recipe["reduce_range"], weight_type=QuantType.QInt8,
-                             nodes_to_exclude=recipe.get("nodes_to_exclude") or None)
-        elif recipe["method"] == "weight_only":
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=recipe["bits"], block_size=recipe["block_size"],
-                                     is_symmetric=recipe["symmetric"])
-            q.process()
-            q.model.save_model_to_file(str(dst), use_external_data_format=False)
-        else:
-            raise ValueError(f"unknown int8 method {recipe['method']!r}")
 
 
 # ------------------------------------------------------------------------------------------ export
