@@ -18,6 +18,7 @@ from training.train import (
     BalancedSampler,
     Collator,
     EncodedDataset,
+    _make_trainer_class,
     LengthGroupedSampler,
     cap_training_rows,
     class_weights,
@@ -130,6 +131,37 @@ def test_samplers_are_seeded_per_epoch_and_do_their_job():
     assert len(drawn) == 400 and list(b) == drawn
     assert 0.4 < sum(labels[i] for i in drawn) / 400 < 0.6  # 5% spam drawn as about half
     assert class_weights(labels) == pytest.approx([400 / 760, 400 / 40])
+
+
+def test_layer_lr_decay_gives_lower_layers_smaller_learning_rates(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                                     num_attention_heads=2, intermediate_size=32))
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # frozen: in no group
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to="none",
+                             use_cpu=True)
+    trainer = _make_trainer_class()(model=model, args=args, layer_lr_decay=0.5)
+    opt = trainer.create_optimizer()
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    p = dict(model.named_parameters())
+    assert lr[id(p["classifier.weight"])] == lr[id(p["bert.pooler.dense.weight"])] == 1e-3
+    assert lr[id(p["bert.encoder.layer.2.output.dense.weight"])] == pytest.approx(1e-3 * 0.5)
+    assert lr[id(p["bert.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(1e-3 * 0.5 ** 3)
+    assert lr[id(p["bert.embeddings.LayerNorm.weight"])] == pytest.approx(1e-3 * 0.5 ** 4)
+    assert id(p["bert.embeddings.word_embeddings.weight"]) not in lr
+    assert len(lr) == sum(1 for q in model.parameters() if q.requires_grad)
+    assert wd[id(p["bert.encoder.layer.1.intermediate.dense.weight"])] == 0.01
+    assert wd[id(p["bert.encoder.layer.1.intermediate.dense.bias"])] == 0.0
+    sched = trainer.create_scheduler(10, opt)  # the schedule scales every group alike: the ratios stay
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    rates = sorted({g["lr"] for g in opt.param_groups})
+    assert len(rates) == 5 and rates[-1] / rates[0] == pytest.approx(2 ** 4)
+    plain = _make_trainer_class()(model=model, args=args).create_optimizer()  # 1.0: the Trainer's own
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}
 
 
 def test_collator_pads_each_batch_to_its_longest_row():
@@ -252,6 +284,7 @@ def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, sto
     (["model.truncation=head_tail", "model.head_tokens=1000"], "model: head_tokens must be 0 (two thirds) or in 1..62"),
     # once a range() ValueError at the validation pass, after the whole training run
     (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
+    (["train.layer_lr_decay=0"], "train.layer_lr_decay must be in (0, 1]"),
 ])
 def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -230,6 +231,24 @@ def class_weights(labels: list[int]) -> list[float]:
 # ------------------------------------------------------------------------------------------ trainer
 
 
+def layer_lr_groups(model, lr: float, decay: float, weight_decay: float, decay_names: set[str]) -> list[dict]:
+    """Optimizer parameter groups with layer-wise learning-rate decay: a parameter of encoder layer k
+    (`…layer.<k>.…`, 0-based, of L) learns at lr x decay^(L - k), the embeddings at lr x decay^(L + 1), the rest
+    (pooling, head) at lr. Weight decay as the Trainer sets it (`decay_names`; none on biases and norms)."""
+    num_layers = int(model.config.num_hidden_layers)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        found = re.search(r"\.layers?\.(\d+)\.", name)
+        depth = int(found.group(1)) + 1 if found else (0 if "embeddings" in name else num_layers + 1)
+        key = (depth, name in decay_names)
+        g = groups.setdefault(key, {"params": [], "lr": lr * decay ** (num_layers + 1 - depth),
+                                    "weight_decay": weight_decay if key[1] else 0.0})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
 def _make_trainer_class():
     import torch
     from transformers import Trainer
@@ -239,7 +258,8 @@ def _make_trainer_class():
 
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
-        def __init__(self, *a, loss_weights=None, train_sampler=None, **kw):
+        def __init__(self, *a, loss_weights=None, train_sampler=None, layer_lr_decay=1.0, **kw):
+            self.layer_lr_decay = layer_lr_decay
             super().__init__(*a, **kw)
             self.loss_weights = torch.tensor(loss_weights, dtype=torch.float32) if loss_weights else None
             self.train_sampler = train_sampler
@@ -254,6 +274,17 @@ def _make_trainer_class():
 
         def _get_train_sampler(self, train_dataset=None):
             return self.train_sampler or super()._get_train_sampler(train_dataset)
+
+        def create_optimizer(self, model=None):
+            decay = self.layer_lr_decay
+            if self.optimizer is not None or decay == 1.0:
+                return super().create_optimizer(model)
+            opt_model = self.model if model is None else model
+            groups = layer_lr_groups(opt_model, self.args.learning_rate, decay, self.args.weight_decay,
+                                     set(self.get_decay_parameter_names(opt_model)))
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
 
     return SpamTrainer
 
@@ -438,6 +469,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.early_stopping_patience must be >= 0")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if not 0 < t.layer_lr_decay <= 1:
+        raise ConfigError(f"train.layer_lr_decay must be in (0, 1] (1 = one learning rate), got {t.layer_lr_decay}")
     from training.evaluate import check_eval_config
     from training.metrics import THRESHOLD_RULES
 
@@ -561,6 +594,7 @@ def build_trainer(cfg: Config, model, encoder, train_set: EncodedDataset, val_se
         callbacks=callbacks,
         loss_weights=class_weights(train_set.labels) if t.class_balance == "weighted_loss" else None,
         train_sampler=sampler,
+        layer_lr_decay=t.layer_lr_decay,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -666,7 +700,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     from serving import thresholds as TH
     from training import tracking
     from training.evaluate import evaluate_model_dir, predict_proba, threshold_lines
-    from training.metrics import ThresholdWarning, threshold_policy
+    from training.metrics import ThresholdWarning, config_threshold_policy
 
     out_dir = resolve_path(cfg.train.output_dir)
     model = trainer.model  # the best checkpoint (load_best_model_at_end)
@@ -677,8 +711,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     e = cfg.eval
     with warnings.catch_warnings():  # its note is printed below and kept in spamlingo.json
         warnings.simplefilter("ignore", ThresholdWarning)
-        policy = threshold_policy(y_val, p_val, list(val["lang"]), e.threshold_rule, e.target_fpr,
-                                  e.threshold_min_ham, e.threshold_min_spam, per_language=e.per_language_thresholds)
+        policy = config_threshold_policy(e, y_val, p_val, list(val["lang"]))
     choice = policy["global"]
     threshold = policy["default"]
 
