@@ -283,6 +283,23 @@ def test_threshold_policy_off_or_minimums_unmet_is_the_global_threshold():
         M.threshold_policy(y, p, langs, min_ham=-1)
 
 
+def test_threshold_policy_raise_only_keeps_only_the_higher_thresholds():
+    y, p, langs = _policy_data()
+    both = M.threshold_policy(y, p, langs, min_ham=100, min_spam=20)
+    up = M.threshold_policy(y, p, langs, min_ham=100, min_spam=20, raise_only=True)
+    assert up["default"] == both["default"] and up["raise_only"] is True and both["raise_only"] is False
+    # other's own threshold is above the global one: kept; ko's and zh's are below: the global one is used
+    assert up["by_lang"] == {k: v for k, v in both["by_lang"].items() if v >= both["default"]}
+    assert set(up["by_lang"]) == {"other"} and up["by_lang"]["other"] == both["by_lang"]["other"]
+    assert up["languages"]["ko"]["scope"] == "global" and "per_language_lower=false" in up["languages"]["ko"]["reason"]
+    assert up["languages"]["ko"]["own_threshold"] == pytest.approx(both["by_lang"]["ko"])
+    # the config section drives it the same way
+    from training.config import EvalConfig
+
+    cfg = EvalConfig(per_language_thresholds=True, per_language_lower=False)
+    assert M.config_threshold_policy(cfg, y, p, langs)["by_lang"] == up["by_lang"]
+
+
 def test_threshold_policy_not_met_keeps_only_a_higher_own_threshold():
     # ko's top-scored row is ham: the rule (FPR 0) cannot be met on its rows
     y = np.array([0] * 200 + [1] * 40 + [0] * 120 + [1] * 25)

@@ -161,8 +161,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
 
         p_val = pipe.predict_proba(list(val["text"]))[:, 1]
         e = cfg.eval
-        policy = M.threshold_policy(val["label"], p_val, list(val["lang"]), e.threshold_rule, e.target_fpr,
-                                    e.threshold_min_ham, e.threshold_min_spam, per_language=e.per_language_thresholds)
+        policy = M.config_threshold_policy(e, val["label"], p_val, list(val["lang"]))
         choice = policy["global"]
         threshold = policy["default"]
         if choice["note"]:

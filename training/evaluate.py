@@ -344,6 +344,12 @@ def _error_report(path, model, encoder, meta, texts, labels, p, per_row, groups,
         MlflowClient().log_artifact(run_id, str(path))
 
 
+def _per_language_mode(e) -> str:
+    if not e.per_language_thresholds:
+        return "off"
+    return "on" if e.per_language_lower else "on (raise only)"
+
+
 def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progress: bool = True) -> dict:
     """Choose the model's threshold policy again on its validation split with `cfg.eval` (rule, target FPR,
     per-language thresholds and their minimums), as training does at its end, and write it into its
@@ -351,7 +357,7 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     The next `make export` carries it into the bundle. Returns the new policy."""
     import warnings
 
-    from training.metrics import ThresholdWarning, threshold_policy
+    from training.metrics import ThresholdWarning, config_threshold_policy
 
     check_eval_config(cfg)
     model_dir = Path(model_dir)
@@ -363,14 +369,13 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     e = cfg.eval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThresholdWarning)
-        policy = threshold_policy(list(rows["label"]), p, list(rows["lang"]), e.threshold_rule, e.target_fpr,
-                                  e.threshold_min_ham, e.threshold_min_spam, per_language=e.per_language_thresholds)
+        policy = config_threshold_policy(e, list(rows["label"]), p, list(rows["lang"]))
     before = TH.describe(model_policy(meta))
     meta.update(threshold=policy["default"], thresholds=policy, threshold_rule=e.threshold_rule,
                 target_fpr=e.target_fpr, threshold_choice=policy["global"])
     (model_dir / MODEL_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{model_dir}: thresholds {before} -> {TH.describe(policy)} ({e.threshold_rule}, target FPR "
-          f"{e.target_fpr:g}, per-language {'on' if e.per_language_thresholds else 'off'}; {len(p)} validation "
+          f"{e.target_fpr:g}, per-language {_per_language_mode(e)}; {len(p)} validation "
           f"rows of {data_dir})")
     if log and meta.get("mlflow_run_id"):
         from mlflow.exceptions import MlflowException

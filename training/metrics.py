@@ -159,7 +159,7 @@ def _clean(x):
 
 def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall_at_fpr",
                      target_fpr: float = 0.01, min_ham: int = 100, min_spam: int = 20, *,
-                     per_language: bool = True) -> dict:
+                     per_language: bool = True, raise_only: bool = False) -> dict:
     """The threshold policy (serving/thresholds.py) chosen on validation scores.
 
     - `default`: `threshold_choice` on every validation row (the global threshold, as without languages).
@@ -172,6 +172,8 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
         the threshold is chosen again with target FPR 0 on its rows (it flags none of its validation ham)
         and used only while still below the global one; otherwise the language falls back to the global
         threshold. Raising a threshold above the global one is never held back (it only removes alarms).
+    - `raise_only`: a language's own threshold is used only when it is above the global one (it can only
+      remove alarms of that language); a lower one falls back to the global threshold.
     - Languages below the minimum (or all, with `per_language=False`) use the global threshold.
     `languages[lang]` records every language of the validation split: ham and spam counts, `scope`
     ("lang:<tag>" or "global"), the threshold it gets, `reason`, and validation precision/recall/FPR of
@@ -213,7 +215,12 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
                         reason = f"{mine['note']}; kept as it is above the global threshold"
                     else:
                         reason = f"{mine['note']}; not below the global threshold: global used"
-                elif own >= default or ham >= ham_to_lower:
+                elif own >= default:
+                    threshold, mine_used, reason = own, True, f"{rule} on its own validation rows"
+                elif raise_only:
+                    reason = (f"{rule} on its own rows gave {own:.6g}, below the global threshold: global used "
+                              "(eval.per_language_lower=false)")
+                elif ham >= ham_to_lower:
                     threshold, mine_used, reason = own, True, f"{rule} on its own validation rows"
                 else:
                     strict = threshold_choice(yl, pl, "max_recall_at_fpr", 0.0)
@@ -243,9 +250,17 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
         "min_rows": {"ham": int(min_ham), "spam": int(min_spam),
                      "ham_to_lower": None if math.isinf(ham_to_lower) else int(ham_to_lower)},
         "per_language": bool(per_language),
+        "raise_only": bool(raise_only),
         "languages": languages,
         "global": {k: _clean(v) for k, v in choice.items()},
     }
+
+
+def config_threshold_policy(ecfg, y_val, p_val, langs: Sequence[str]) -> dict:
+    """`threshold_policy` with the settings of an `eval` config section (training, evaluation, baseline)."""
+    return threshold_policy(y_val, p_val, langs, ecfg.threshold_rule, ecfg.target_fpr, ecfg.threshold_min_ham,
+                            ecfg.threshold_min_spam, per_language=ecfg.per_language_thresholds,
+                            raise_only=not ecfg.per_language_lower)
 
 
 # ------------------------------------------------------------------------------------------ metrics
