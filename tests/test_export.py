@@ -262,6 +262,29 @@ def test_block_recipes_quantise_the_layer_matmuls_in_blocks(tiny_bundle, tmp_pat
         assert np.abs(z32 - z8).max() < 0.2
 
 
+def test_block_recipes_keep_a_mean_pooled_head_fp32_and_its_token_scores_exact(tiny_mean_bundle, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from training import token_scores as TS
+    from training.quantize import int8_recipes, quantize
+
+    src = tiny_mean_bundle / "model.onnx"
+    bias = json.loads((tiny_mean_bundle / "bundle.json").read_text())["token_scores"]["bias"]
+    recipes = {r["name"]: r for r in TS.keep_head_fp32(int8_recipes(src, 2), src)}
+    rng = np.random.default_rng(1)
+    feeds = {"input_ids": rng.integers(5, 100, size=(3, 12)).astype(np.int64),
+             "attention_mask": np.ones((3, 12), dtype=np.int64)}
+    for name in ("int8_blocks_ffn_out", "int8_blocks_matmuls"):
+        dst = tmp_path / f"{name}.onnx"
+        quantize(src, dst, recipes[name])
+        quantized = [n.name for n in onnx.load(str(dst)).graph.node if n.op_type in ("MatMulNBits", "MatMulInteger")]
+        assert quantized and not [n for n in quantized if "classifier" in n], quantized
+        z, scores = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(
+            ["logits", "token_scores"], feeds)
+        assert np.abs(scores.sum(1) + bias - (z[:, 1] - z[:, 0])).max() < 1e-4
+
+
 def test_explicit_texts_and_no_optimisation(tiny_model_dir, tmp_path):
     cfg = _cfg("export.optimize=false")
     labels = [1, 0] * 5

@@ -124,9 +124,13 @@ def _weight_only(src: Path, dst: Path, recipe: dict, nodes: list[str] | None = N
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=recipe["bits"], block_size=recipe["block_size"],
+    model = onnx.load(str(src))
+    # the quantizer takes every MatMul *or* a node of nodes_to_include: the others are excluded by name (the
+    # head that training/token_scores.py keeps in fp32 among them)
+    others = [n.name for n in model.graph.node if nodes and n.op_type == "MatMul" and n.name not in set(nodes)]
+    q = MatMulNBitsQuantizer(model, bits=recipe["bits"], block_size=recipe["block_size"],
                              is_symmetric=recipe["symmetric"], accuracy_level=recipe.get("accuracy_level"),
-                             nodes_to_include=list(nodes) if nodes else None)
+                             nodes_to_include=list(nodes) if nodes else None, nodes_to_exclude=others)
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
