@@ -165,10 +165,11 @@ def test_a_fold_trains_without_its_corpus_and_scores_it(tmp_path, store):
     cfg.data.corpora = {name: CorpusConfig(path=c["path"], format="csv")
                         for name, c in _tiny_corpora(tmp_path).items()}
     cfg.ood.fold_overrides = ["train.max_steps=4", "train.evaluate_test=false"]
-    cfg.ood.folds = {"ja": FoldConfig(exclude=["tiny_ja"])}
+    cfg.data.corpora["off"] = CorpusConfig(path="nowhere.csv", enabled=False)  # defined, left out of the mix
+    cfg.ood.folds = {"ja": FoldConfig(exclude=["tiny_ja", "off"])}
     result = ood.loco(cfg)
     (fold,) = result["folds"]
-    assert fold["exclude"] == ["tiny_ja"]
+    assert fold["exclude"] == ["tiny_ja"]  # "off" is not in the data: nothing to leave out, no error
     # every row of the held-out corpus (all three splits) is scored, and nothing else
     n_ja = sum(1 for r in tiny_rows(seed=1, per_template=8) if r["source"] == "tiny_ja")
     top = result["scopes"][0]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -357,6 +357,11 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
     for name, fold in cfg.ood.folds.items():
         if only and name not in only:
             continue
+        # a corpus the config defines but leaves out (enabled: false) is already absent from the fold
+        off = [s for s in fold.exclude if s not in known and s in cfg.data.corpora and not cfg.data.corpora[s].enabled]
+        if off:
+            fold = replace(fold, exclude=[s for s in fold.exclude if s not in off])
+            print(f"[loco {name}] {', '.join(off)}: not in this mix (enabled: false), nothing to leave out", flush=True)
         bad = sorted(set(fold.exclude) - known) or sorted(set(fold.test_sources) - known)
         # a fold that excludes nothing is the same-budget reference of the others (it must score files)
         if bad or not (fold.exclude or fold.test_files):
