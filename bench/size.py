@@ -78,7 +78,7 @@ def _n(v) -> str:
 
 
 def render(result: dict) -> str:
-    lines = ["| bundle file | MB |", "|---|---:|"]
+    lines = ["| bundle file | MiB |", "|---|---:|"]
     for name, mb in sorted(result["bundle_files_mb"].items()):
         lines.append(f"| {name} | {mb:.2f} |")
     lines.append(f"| **total** | **{result['bundle_total_mb']:.2f}** |")
@@ -87,7 +87,7 @@ def render(result: dict) -> str:
     elif result["int8"].get("status"):
         lines += ["", f"No int8 graph ({result['int8']['status']}: {result['int8'].get('reason') or '—'})."]
     if "model_dir_total_mb" in result:
-        lines += ["", f"Trained model directory (PyTorch, save_pretrained): {result['model_dir_total_mb']:.2f} MB."]
+        lines += ["", f"Trained model directory (PyTorch, save_pretrained): {result['model_dir_total_mb']:.2f} MiB."]
     p = result.get("parameters")
     if p:
         v = result["vocabulary"]
