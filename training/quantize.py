@@ -56,9 +56,9 @@ def sensitive_nodes(path: Path, num_layers: int) -> dict:
 
 
 def int8_recipes(fp32_path: Path, num_layers: int) -> list[dict]:
-    """The remedies, cheapest first; the first that passes both gates ships. Keeping the feed-forward output
-    projections of the lower half of the layers in fp32 costs ~1.8 MB per e5-small layer; all of them,
-    twice that (measured on the default run: 37.6 vs 44.7 MB, against 30.5 MB for per_channel)."""
+    """The remedies, smallest first; the first that passes both gates ships. On the default e5-small run (8
+    layers, 56,663 pieces) int8_blocks_ffn_out is 37.2 MB and fp32_ffn_out 50.7 MB: keeping one layer's
+    feed-forward output projection in fp32 costs ~1.8 MB."""
     nodes = sensitive_nodes(fp32_path, num_layers)
     ffn = nodes["ffn_out"]
     lower = [n for layer in sorted(ffn)[: (len(ffn) + 1) // 2] for n in ffn[layer]]
@@ -127,7 +127,8 @@ def _weight_only(src: Path, dst: Path, recipe: dict, nodes: list[str] | None = N
     model = onnx.load(str(src))
     # the quantizer takes every MatMul *or* a node of nodes_to_include: the others are excluded by name (the
     # head that training/token_scores.py keeps in fp32 among them)
-    others = [n.name for n in model.graph.node if nodes and n.op_type == "MatMul" and n.name not in set(nodes)]
+    chosen = set(nodes or ())
+    others = [n.name for n in model.graph.node if chosen and n.op_type == "MatMul" and n.name not in chosen]
     q = MatMulNBitsQuantizer(model, bits=recipe["bits"], block_size=recipe["block_size"],
                              is_symmetric=recipe["symmetric"], accuracy_level=recipe.get("accuracy_level"),
                              nodes_to_include=list(nodes) if nodes else None, nodes_to_exclude=others)
