@@ -32,8 +32,12 @@ def test_repository_configs_load():
     default = load_config("configs/default.yaml")
     assert set(default.data.corpora) == {"uci_sms", "zh_sms", "spamassassin", "enron", "cjk_seed", "licensed_ham",
                                          "zh_fraud", "notice_seed", "feedback"}
-    # defined and off: the fraud corpus (its licence), notice_seed (measured: it lost), feedback (make retrain)
-    assert [n for n, c in default.data.corpora.items() if not c.enabled] == ["zh_fraud", "notice_seed", "feedback"]
+    # defined and off: the fraud corpus (its licence), feedback (make retrain)
+    assert [n for n, c in default.data.corpora.items() if not c.enabled] == ["zh_fraud", "feedback"]
+    # notice_seed: its ja/ko/zh rows, in the training split only (measured: the whole corpus lost)
+    notice = default.data.corpora["notice_seed"]
+    assert notice.enabled and notice.train_only and notice.langs == ["ja", "ko", "zh"]
+    assert default.ood.folds["cjk_seed"].exclude == ["cjk_seed", "notice_seed"]  # zero-shot: no ja/ko row at all
     assert default.data.corpora["feedback"].format == "feedback"
     assert load_config("configs/smoke.yaml").retrain.model_name != default.retrain.model_name
     assert default.model.pooling == "mean" and default.train.linear_probe

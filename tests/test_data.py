@@ -471,7 +471,8 @@ def test_cli_user_mistake_is_one_line_and_nonzero(tmp_path, capsys):
 
 def test_real_default_config_shrunk(tmp_path, capsys):
     """The real corpora through the real default config, capped small, output in tmp_path."""
-    caps = {"uci_sms": 150, "zh_sms": 150, "spamassassin": 120, "enron": 120, "cjk_seed": 200, "licensed_ham": 80}
+    caps = {"uci_sms": 150, "zh_sms": 150, "spamassassin": 120, "enron": 120, "cjk_seed": 200, "licensed_ham": 80,
+            "notice_seed": 60}
     overrides = [f"data.corpora.{k}.cap={v}" for k, v in caps.items()]
     overrides += [f"data.output_dir={tmp_path / 'out'}", f"data.mix_card={tmp_path / 'mix.md'}"]
     main(["--config", "configs/default.yaml", *overrides])
@@ -494,6 +495,10 @@ def test_real_default_config_shrunk(tmp_path, capsys):
     assert all(len(v) == 1 for v in groups.values())
     langs = {r["lang"] for _, r in rows if r["source"] == "zh_sms"}
     assert "zh" in langs
+    # notice_seed: its ja/ko/zh rows only (the English ones are counted as dropped), all in train
+    assert {s for s, r in rows if r["source"] == "notice_seed"} == {"train"}
+    assert {r["lang"] for _, r in rows if r["source"] == "notice_seed"} == {"ja", "ko", "zh"}
+    assert manifest["drops_by_source"]["notice_seed"]["other_language"] > 700
     assert {r["channel"] for _, r in rows if r["source"] == "enron"} == {"email"}
     assert manifest["corpora"]["enron"]["rows_usable"] > 30_000  # everything was read, then capped
     assert manifest["duplicates"]["exact"] > 1000
