@@ -215,13 +215,11 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
                         reason = f"{mine['note']}; kept as it is above the global threshold"
                     else:
                         reason = f"{mine['note']}; not below the global threshold: global used"
-                elif own >= default:
+                elif own >= default or (ham >= ham_to_lower and not raise_only):
                     threshold, mine_used, reason = own, True, f"{rule} on its own validation rows"
                 elif raise_only:
                     reason = (f"{rule} on its own rows gave {own:.6g}, below the global threshold: global used "
                               "(eval.per_language_lower=false)")
-                elif ham >= ham_to_lower:
-                    threshold, mine_used, reason = own, True, f"{rule} on its own validation rows"
                 else:
                     strict = threshold_choice(yl, pl, "max_recall_at_fpr", 0.0)
                     if strict["met"] and strict["threshold"] < default:
