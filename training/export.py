@@ -508,7 +508,7 @@ def _int8(work: _Work, labels, langs, p32, num_layers: int, cfg_export, show: bo
         recipes = TS.keep_head_fp32(recipes, work.fp32)
     for recipe in tqdm(recipes, desc="int8 recipes", unit="recipe",
                        disable=not show, leave=False):
-        shown = {k: (len(v) if k == "nodes_to_exclude" else v) for k, v in recipe.items()}
+        shown = {k: (len(v) if isinstance(v, list) else v) for k, v in recipe.items()}  # node lists: counted
         try:
             quantize(work.fp32, qpath, recipe)
             logits8, seconds = work.onnx_logits("int8")
