@@ -549,9 +549,9 @@ def _check_config(d: DataConfig) -> None:
             raise DataError(f"data.corpora.{name}.weight must be > 0 (use enabled: false to leave it out)")
         if cc.cap is not None and cc.cap < 1:
             raise DataError(f"data.corpora.{name}.cap must be a positive number of rows (or null)")
-        if set(cc.langs) - set(LANGS):
-            raise DataError(f"data.corpora.{name}.langs: {sorted(set(cc.langs) - set(LANGS))} not among the "
-                            f"language tags {', '.join(LANGS)}")
+        unknown = sorted(set(cc.langs) - set(LANGS))
+        if unknown:
+            raise DataError(f"data.corpora.{name}.langs: {unknown} not among the language tags {', '.join(LANGS)}")
     if not any(cc.enabled for cc in d.corpora.values()):
         raise DataError("no enabled corpus in data.corpora")
 
