@@ -1120,6 +1120,9 @@ def load_model(settings: ServerSettings):
                                 spin=False)
     except BundleError as e:
         raise StartupError(str(e)) from None
+    mismatch = bundle.text.normalizer_mismatch()
+    if mismatch:
+        log.warning("bundle %s: %s", bundle.name, mismatch)
     sha256 = bundle.manifest["files"][model_file]["sha256"]
     info = {"bundle": bundle.name, "variant": variant, "sha256": sha256[:16], "bundle_sha256": sha256,
             "threshold": float(bundle.threshold),

@@ -119,7 +119,7 @@ def train_tiny_model(model_dir: Path, data_dir: Path, truncation: str = "head_ta
     import torch
     from datasets import load_from_disk
 
-    from serving.text import Encoder, TextSettings
+    from serving.text import NORMALIZER_VERSION, Encoder, TextSettings
     from training.backbone import load_backbone
     from training.config import ModelConfig
 
@@ -132,7 +132,8 @@ def train_tiny_model(model_dir: Path, data_dir: Path, truncation: str = "head_ta
     corpus = texts + list(ds["validation"]["text"]) + list(ds["test"]["text"])
     torch.manual_seed(0)  # the random initialisation too: the same model whichever tests ran before
     model, tokenizer, _info = load_backbone(mcfg, corpus_texts=corpus)
-    settings = TextSettings(mask_digits=True, max_length=TINY_MAX_LENGTH, truncation=truncation)
+    settings = TextSettings(mask_digits=True, max_length=TINY_MAX_LENGTH, truncation=truncation,
+                            normalizer_version=NORMALIZER_VERSION)  # as training.train records it
     encoder = Encoder(tokenizer.backend_tokenizer, settings)
     ids, mask = encoder.pad(encoder.encode_batch(texts))
     x, m, y = torch.from_numpy(ids), torch.from_numpy(mask), torch.tensor(labels)

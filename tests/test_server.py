@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import shutil
@@ -339,6 +340,24 @@ def test_readyz_is_503_until_the_warm_up_inference_is_done(tiny_bundle):
                 raise AssertionError("never became ready")
 
     asyncio.run(go())
+
+
+def test_a_bundle_from_another_normaliser_version_is_served_with_a_warning(tiny_bundle, tmp_path, caplog):
+    from serving.server import load_model
+    from serving.text import NORMALIZER_VERSION
+
+    with caplog.at_level(logging.WARNING, logger="spamlingo.server"):
+        load_model(ServerSettings(bundle=str(tiny_bundle), model="fp32", threads=1))
+    assert not caplog.records  # the fixture records this code's version
+    d = Path(shutil.copytree(tiny_bundle, tmp_path / "older"))
+    manifest = json.loads((d / "bundle.json").read_text(encoding="utf-8"))
+    manifest["text"]["normalizer_version"] = NORMALIZER_VERSION - 1
+    (d / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="spamlingo.server"):
+        _clf, info = load_model(ServerSettings(bundle=str(d), model="fp32", threads=1))
+    assert info["bundle"] == "older"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert f"version {NORMALIZER_VERSION - 1}" in caplog.text and "retrain" in caplog.text
 
 
 def test_per_language_thresholds_label_the_same_probability_differently(tiny_bundle, tmp_path):

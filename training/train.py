@@ -108,12 +108,13 @@ def cap_eval_rows(ds, n: int, seed: int):
 
 
 def text_settings(cfg: Config):
-    from serving.text import TextSettings
+    from serving.text import NORMALIZER_VERSION, TextSettings
 
     m = cfg.model
     try:
         return TextSettings(mask_digits=cfg.data.mask_digits, max_length=m.max_length,
-                            truncation=m.truncation, head_tokens=m.head_tokens)
+                            truncation=m.truncation, head_tokens=m.head_tokens,
+                            normalizer_version=NORMALIZER_VERSION)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
