@@ -423,6 +423,22 @@ def test_langs_keeps_only_the_listed_languages_and_counts_the_rest(tmp_path):
     assert sum(len(dd[s]) for s in SPLITS) == 18
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["drops_by_source"]["m"] == {"other_language": 6}
+    # labels as well: the Japanese, Korean and Chinese rows of both labels, and the English ham, from one file
+    corpora["m"].labels = ["ham"]
+    corpora["m2"] = CorpusConfig(path=str(tmp_path / "m.jsonl"), id="id", langs=["en"], labels=["ham"])
+    out = prepare(_data_cfg(tmp_path, {"cjk": corpora["m"], "en_ham": corpora["m2"]},
+                            output_dir=str(tmp_path / "by_label")))
+    rows = [r for _, r in _all_rows(load_from_disk(str(out / "dataset")))]
+    assert {r["label"] for r in rows} == {0} and len(rows) == 12  # 9 ja/ko/zh ham + 3 en ham
+    assert sorted({(r["source"], r["lang"]) for r in rows}) == [("cjk", "ja"), ("cjk", "ko"), ("cjk", "zh"),
+                                                                 ("en_ham", "en")]
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["drops_by_source"]["cjk"] == {"other_language": 6, "other_label": 9}
+    assert manifest["drops_by_source"]["en_ham"] == {"other_language": 18, "other_label": 3}
+    corpora["m"].labels = ["junk"]
+    with pytest.raises(DataError, match=r"data\.corpora\.m\.labels: \['junk'\]"):
+        prepare(_data_cfg(tmp_path, corpora, output_dir=str(tmp_path / "bad")))
+    corpora["m"].labels = []
     corpora["m"].langs = ["jp"]
     with pytest.raises(DataError, match=r"data\.corpora\.m\.langs: \['jp'\]"):
         prepare(_data_cfg(tmp_path, corpora, output_dir=str(tmp_path / "bad")))

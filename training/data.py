@@ -347,14 +347,16 @@ def load_corpus(name: str, cc: CorpusConfig, dcfg: DataConfig, drops: DropLog) -
     with tqdm(desc=f"load {name}", unit=" rows", disable=None, leave=False) as bar:
         for path in _corpus_files(name, cc):
             rows.extend(_read_file(path, spec, name, cc.channel, dcfg, drops, progress=bar))
-    if cc.langs:
-        kept = []
-        for r in rows:
-            if language_tag(r["text"]) in cc.langs:
-                kept.append(r)
-            else:
-                drops.add(name, "other_language", r["id"])
-        rows = kept
+    for wanted, value, reason in ((cc.langs, lambda r: language_tag(r["text"]), "other_language"),
+                                  ([_LABELS[x] for x in cc.labels], lambda r: r["label"], "other_label")):
+        if wanted:
+            kept = []
+            for r in rows:
+                if value(r) in wanted:
+                    kept.append(r)
+                else:
+                    drops.add(name, reason, r["id"])
+            rows = kept
     return rows
 
 
@@ -552,6 +554,9 @@ def _check_config(d: DataConfig) -> None:
         unknown = sorted(set(cc.langs) - set(LANGS))
         if unknown:
             raise DataError(f"data.corpora.{name}.langs: {unknown} not among the language tags {', '.join(LANGS)}")
+        unknown = sorted(set(cc.labels) - {"spam", "ham"})
+        if unknown:
+            raise DataError(f"data.corpora.{name}.labels: {unknown} is not a list of 'spam' and/or 'ham'")
     if not any(cc.enabled for cc in d.corpora.values()):
         raise DataError("no enabled corpus in data.corpora")
 
@@ -845,7 +850,7 @@ def mix_card(manifest: dict, splits: dict[str, list[dict]], stats: dict) -> str:
     for n, c in corpora.items():
         if c["enabled"]:
             bad = sum(v for k, v in manifest["drops_by_source"].get(n, {}).items()
-                      if k not in ("label_conflict", "other_language"))
+                      if k not in ("label_conflict", "other_language", "other_label"))
             rows.append([n, c["channel"], "yes", c["rows_usable"], bad, c["exact_duplicates"], c["label_conflicts"],
                          c["cap"] if c["cap"] is not None else "-", c["rows_kept"],
                          f"{c['weight']:g}" + (" (train only)" if c.get("train_only") else "")])
