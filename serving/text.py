@@ -11,7 +11,6 @@ import html
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 # ------------------------------------------------------------------------------------------ normalisation
@@ -44,7 +43,7 @@ def _strip_controls(text: str) -> str:
 
 # Bumped whenever normalize() or language_tag() changes what it returns: prepared data from an older
 # version is prepared again (training.data.PIPELINE_VERSION includes it).
-NORMALIZER_VERSION = 5
+NORMALIZER_VERSION = 4
 
 # Cyrillic and Greek letters that look like Latin ones (after Unicode's confusables list). Spammers put
 # them inside English words ("Frее" with Cyrillic е) to dodge word filters; a word that mixes them with
@@ -75,36 +74,11 @@ def _fold_confusables(text: str) -> str:
                      if _ASCII_LETTER.search(m.group()) else m.group(), text)
 
 
-def _load_t2s() -> dict[int, str]:
-    table = {}
-    for line in (Path(__file__).with_name("t2s.txt")).read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#"):
-            trad, simp = line.split("\t")
-            table[ord(trad)] = simp
-    return table
-
-
-# Traditional characters fold to simplified ones, so that a Chinese message reads the same in either script:
-# the Chinese training text is nearly all simplified, and rewriting spam in traditional characters is an
-# evasion (training/evasion.py). Only in text without kana or Hangul: Japanese keeps its kanji (話, 電) and
-# Korean its hanja, which the encoder saw in those forms. One character for one, so offsets are kept.
-_T2S = _load_t2s()
-_TRAD_CHAR = re.compile("[" + "".join(map(chr, _T2S)) + "]")
-KANA_HANGUL = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9d\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
-
-
-def _fold_traditional(text: str) -> str:
-    if not _TRAD_CHAR.search(text) or KANA_HANGUL.search(text):
-        return text
-    return text.translate(_T2S)
-
-
 def normalize(text: str, mask_digits: bool = False) -> str:
     """NFKC (full-width -> half-width), HTML entities decoded, zero-width/control characters removed,
     Cyrillic/Greek look-alikes inside Latin words folded to Latin, letter-by-letter spacing ("F R E E")
-    joined, whitespace collapsed, traditional Chinese characters folded to simplified ones (in text with no
-    kana or Hangul), optionally every ASCII digit masked as 'x'. Other CJK characters are left intact (NFKC
-    maps only compatibility forms such as half-width katakana to their standard form)."""
+    joined, whitespace collapsed, optionally every ASCII digit masked as 'x'. CJK characters are left intact
+    (NFKC maps only compatibility forms such as half-width katakana to their standard form)."""
     text = unicodedata.normalize("NFKC", text)
     if "&" in text:
         text = html.unescape(text)
@@ -112,7 +86,6 @@ def normalize(text: str, mask_digits: bool = False) -> str:
     text = _strip_controls(text)
     text = _WS.sub(" ", text).strip()
     text = _fold_confusables(text)
-    text = _fold_traditional(text)
     if mask_digits:
         text = _DIGIT.sub("x", text)
     # after masking: masked digits are letters too, so a second pass finds nothing new (idempotent)
@@ -194,7 +167,7 @@ def normalize_with_offsets(text: str, mask_digits: bool = False) -> tuple[str, l
     lead = len(s) - len(s.lstrip())
     keep = len(s.strip())
     s, spans = s[lead:lead + keep], spans[lead:lead + keep]
-    s = _fold_traditional(_fold_confusables(s))  # one character for one: spans unchanged
+    s = _fold_confusables(s)  # one character for one: spans unchanged
     if mask_digits:
         s = _DIGIT.sub("x", s)
     out, pos = [], 0  # spaced letters joined: the spaces inside a match dropped

@@ -31,7 +31,7 @@ PIECES = ["a", "B", "z", "7", "0", " ", "  ", "\t", "\n", "\r\n", "\u3000", "\xa
           "\u0323", "\u1100", "\u1161", "\u11a8", "é", "ﬁ", "㍿", "①", "½", "а", "е", "о", "ο", "д", "Ж",
           "中", "奖", "恭喜", "あ", "ア", "ｶ", "ﾞ", "ﾟ", "한", "국", "😀", "👍", "🏽", "\u200d", "&", "amp;", "&amp;",
           "&lt;", "&#", "x41;", "&#65", "&#x1F600;", "&nbsp;", "&ampx", "&notit;", ";", "F R E E", "x", "-", ".",
-          "http://a.example/?q=1&b=2", "Free", "prize", "会議", "クリック", "獎", "點擊", "會議"]
+          "http://a.example/?q=1&b=2", "Free", "prize", "会議", "クリック"]
 
 
 def _random_texts(n: int, seed: int = 0) -> list[str]:
@@ -80,12 +80,8 @@ def _units(text: str) -> list[str]:
 ])
 def test_units_map_back_to_the_text_as_sent(text, want):
     assert _units(text) == want
-    norm = normalize(text, True)
-    for a, b in X.units(text):  # each unit's text normalises to a piece of the normalised text ...
-        unit = normalize(text[a:b], True)
-        # ... except that traditional characters fold by the whole text's script: the kanji of a Japanese
-        # text stay as written, as they would beside kana
-        assert unit in norm or normalize(text[a:b] + "の", True)[:-1] in norm
+    for a, b in X.units(text):  # each unit's text normalises to a piece of the normalised text
+        assert normalize(text[a:b], True) in normalize(text, True)
 
 
 # ------------------------------------------------------------------------------------------ occlusion
