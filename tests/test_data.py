@@ -424,8 +424,8 @@ def test_langs_keeps_only_the_listed_languages_and_counts_the_rest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["drops_by_source"]["m"] == {"other_language": 6}
     # labels as well: the Japanese, Korean and Chinese rows of both labels, and the English ham, from one file
-    corpora["m"].labels = ["ham"]
-    corpora["m2"] = CorpusConfig(path=str(tmp_path / "m.jsonl"), id="id", langs=["en"], labels=["ham"])
+    corpora["m"].keep_labels = ["ham"]
+    corpora["m2"] = CorpusConfig(path=str(tmp_path / "m.jsonl"), id="id", langs=["en"], keep_labels=["ham"])
     out = prepare(_data_cfg(tmp_path, {"cjk": corpora["m"], "en_ham": corpora["m2"]},
                             output_dir=str(tmp_path / "by_label")))
     rows = [r for _, r in _all_rows(load_from_disk(str(out / "dataset")))]
@@ -435,10 +435,10 @@ def test_langs_keeps_only_the_listed_languages_and_counts_the_rest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["drops_by_source"]["cjk"] == {"other_language": 6, "other_label": 9}
     assert manifest["drops_by_source"]["en_ham"] == {"other_language": 18, "other_label": 3}
-    corpora["m"].labels = ["junk"]
-    with pytest.raises(DataError, match=r"data\.corpora\.m\.labels: \['junk'\]"):
+    corpora["m"].keep_labels = ["junk"]
+    with pytest.raises(DataError, match=r"data\.corpora\.m\.keep_labels: \['junk'\]"):
         prepare(_data_cfg(tmp_path, corpora, output_dir=str(tmp_path / "bad")))
-    corpora["m"].labels = []
+    corpora["m"].keep_labels = []
     corpora["m"].langs = ["jp"]
     with pytest.raises(DataError, match=r"data\.corpora\.m\.langs: \['jp'\]"):
         prepare(_data_cfg(tmp_path, corpora, output_dir=str(tmp_path / "bad")))

@@ -53,7 +53,7 @@ class CorpusConfig:
     # The others are dropped and counted as "other_language"
     langs: list[str] = field(default_factory=list)
     # keep only rows of these labels ("spam", "ham"); [] = both. The others are dropped, counted as "other_label"
-    labels: list[str] = field(default_factory=list)
+    keep_labels: list[str] = field(default_factory=list)
     # format "feedback" only, the poisoning guard (training/feedback_data.py): no reporter contributes
     # more than max(max_reporter_share x the reports, min_reporter_rows) texts; the rest is held back
     max_reporter_share: float = 0.2

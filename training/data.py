@@ -348,7 +348,7 @@ def load_corpus(name: str, cc: CorpusConfig, dcfg: DataConfig, drops: DropLog) -
         for path in _corpus_files(name, cc):
             rows.extend(_read_file(path, spec, name, cc.channel, dcfg, drops, progress=bar))
     for wanted, value, reason in ((cc.langs, lambda r: language_tag(r["text"]), "other_language"),
-                                  ([_LABELS[x] for x in cc.labels], lambda r: r["label"], "other_label")):
+                                  ([_LABELS[x] for x in cc.keep_labels], lambda r: r["label"], "other_label")):
         if wanted:
             kept = []
             for r in rows:
@@ -554,9 +554,9 @@ def _check_config(d: DataConfig) -> None:
         unknown = sorted(set(cc.langs) - set(LANGS))
         if unknown:
             raise DataError(f"data.corpora.{name}.langs: {unknown} not among the language tags {', '.join(LANGS)}")
-        unknown = sorted(set(cc.labels) - {"spam", "ham"})
+        unknown = sorted(set(cc.keep_labels) - {"spam", "ham"})
         if unknown:
-            raise DataError(f"data.corpora.{name}.labels: {unknown} is not a list of 'spam' and/or 'ham'")
+            raise DataError(f"data.corpora.{name}.keep_labels: {unknown} is not a list of 'spam' and/or 'ham'")
     if not any(cc.enabled for cc in d.corpora.values()):
         raise DataError("no enabled corpus in data.corpora")
 
