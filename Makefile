@@ -24,7 +24,7 @@ TEXT ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock data train eval threshold baseline export register retrain serve predict feedback compare bench ood mlflow-ui test test-all clean
+.PHONY: help setup lock data train eval threshold interpolate baseline export register retrain serve predict feedback compare bench ood mlflow-ui test test-all clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ eval: $(STAMP) ## evaluate RUN (default: newest run) on the test split, or on DA
 
 threshold: $(STAMP) ## choose RUN's thresholds again on validation with CONFIG's eval settings (then make export)
 	$(PY) -m training.evaluate --config $(CONFIG) --rethreshold $(if $(RUN),--run $(RUN)) $(ARGS)
+
+interpolate: $(STAMP) ## RUN's encoder interpolated with the pretrained one (WiSE-FT), ALPHA=0.5: a new model dir, thresholds chosen again
+	$(PY) -m training.interpolate --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
 
 baseline: $(STAMP) ## TF-IDF character n-grams + logistic regression, logged as its own MLflow run
 	$(PY) -m training.baseline --config $(CONFIG) $(ARGS)
