@@ -61,6 +61,14 @@ def test_run_writes_a_new_model_dir_with_its_own_thresholds(tiny_mean_model_dir,
     layer = next(k for k in halved if ".encoder.layer.0." in k and k.endswith("weight"))
     assert torch.allclose(halved[layer], 0.5 * model.state_dict()[layer])
     assert json.loads((src / "spamlingo.json").read_text(encoding="utf-8"))["threshold"] == 0.5  # source untouched
+    # make export takes it like any model directory; the bundle is named after the run directory + suffix
+    from serving.bundle import load_bundle
+    from training.config import Config
+    from training.export import export_bundle
+
+    bundle = load_bundle(export_bundle(Config(), out, out_root=tmp_path / "bundles", show=False,
+                                       threads=1).bundle_dir)
+    assert bundle.name == f"{tmp_path.name}-wise0.5" and bundle.threshold == meta["threshold"]
     with pytest.raises(InterpolateError, match="already interpolated"):
         run(out, cfg, 0.5, pretrained={})
     with pytest.raises(InterpolateError, match="no weight of .* matches"):

@@ -127,8 +127,10 @@ def resolve_source(run: str | None, cfg: Config) -> Path:
 
 
 def bundle_name(model_dir: Path, meta: dict, run_name: str | None = None) -> str:
-    """bundles/<name>: the MLflow run name when known, else the run directory (runs/<name>/model)."""
-    name = run_name or (model_dir.parent.name if model_dir.name == "model" else model_dir.name)
+    """bundles/<name>: the MLflow run name when known, else the run directory (runs/<name>/model), with the
+    suffix of a derived model directory (runs/<name>/model-wise0.5 -> <name>-wise0.5, make interpolate)."""
+    derived = model_dir.name == "model" or model_dir.name.startswith("model-")
+    name = run_name or (model_dir.parent.name + model_dir.name[len("model"):] if derived else model_dir.name)
     if name == "model" and meta.get("mlflow_run_id"):  # a downloaded runs/_mlflow/<id>/model
         name = meta["mlflow_run_id"]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
