@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Sequence
 
 # ------------------------------------------------------------------------------------------ normalisation
@@ -255,8 +255,7 @@ class TextSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextSettings":
-        return cls(**{k: d[k] for k in ("mask_digits", "max_length", "truncation", "head_tokens",
-                                        "normalizer_version") if k in d})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def normalizer_mismatch(self) -> str | None:
         """Why this model's text may be normalised differently here than in its training, or None."""

@@ -72,13 +72,14 @@ def pretrained_state(backbone: str, cache_dir: str) -> dict:
 def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrained: dict | None = None) -> Path:
     """Interpolate `model_dir` into `out_dir` (default: `<model_dir>-wise<alpha>`), choose its thresholds
     again with `cfg.eval` and return it."""
-    from training.evaluate import rethreshold
+    from training.evaluate import read_meta, rethreshold
     from training.modeling import load_classifier
+    from training.tracking import MODEL_META
 
     if not 0.0 <= alpha < 1.0:
         raise InterpolateError(f"--alpha must be in [0, 1) (1 would copy the model as trained), got {alpha:g}")
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    meta = read_meta(model_dir)
     if meta.get("interpolation"):
         raise InterpolateError(f"{model_dir} is already interpolated ({meta['interpolation']}): start from the "
                                f"model as trained, {meta['interpolation']['from']}")
@@ -100,7 +101,7 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     meta.update(mlflow_run_id=None, interpolation={"alpha": alpha, "from": str(model_dir.resolve()),
                                                    "interpolated_tensors": report["interpolated"],
                                                    "kept_as_trained": report["kept"]})
-    (out_dir / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"interpolated {report['interpolated']} tensors of {model_dir} with the pretrained {meta['backbone']} "
           f"at alpha {alpha:g} (kept as trained: {', '.join(report['kept'])}) -> {out_dir}")
     rethreshold(out_dir, cfg, log=False)
