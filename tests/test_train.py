@@ -286,6 +286,7 @@ def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, sto
     # once a range() ValueError at the validation pass, after the whole training run
     (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
     (["train.layer_lr_decay=0"], "train.layer_lr_decay must be in (0, 1]"),
+    (["train.wise_alpha=1.5"], "train.wise_alpha must be in [0, 1]"),
 ])
 def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -293,6 +294,40 @@ def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, 
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened
+
+
+def test_wise_alpha_interpolates_the_trained_encoder_with_the_backbone_as_loaded(prepared, tmp_path, store):
+    """train.wise_alpha=0.5 writes the same run as 1.0 with every encoder tensor halfway back to the tiny
+    backbone's initial weights (a function of its config), the head as trained, the thresholds chosen anew."""
+    from training.backbone import build_tiny
+    from training.modeling import load_classifier
+
+    dirs = {}
+    for alpha in (1.0, 0.5):
+        out = tmp_path / f"alpha{alpha:g}"
+        assert main(["--config", SMOKE, *overrides(prepared, tmp_path, f"train.output_dir={out}",
+                                                   f"train.wise_alpha={alpha}")]) == 0
+        dirs[alpha] = out / "model"
+    trained, wise = (load_classifier(dirs[a]).state_dict() for a in (1.0, 0.5))
+    initial = build_tiny(load_config(SMOKE, SHRINK).model)[0].state_dict()
+    moved = [name for name in trained if name.startswith("bert.encoder.")]
+    assert len(moved) > 10
+    for name in moved:  # the encoder blocks keep their shapes (the vocabulary trim cuts only the embeddings)
+        assert wise[name].allclose(0.5 * initial[name] + 0.5 * trained[name], atol=1e-6), name
+    assert not trained[moved[0]].allclose(initial[moved[0]])  # fine-tuning did move it
+    head = [name for name in trained if not name.startswith("bert.")]
+    assert head and all(wise[name].equal(trained[name]) for name in head)
+    metas = {a: json.loads((dirs[a] / "spamlingo.json").read_text()) for a in dirs}
+    assert "interpolation" not in metas[1.0]
+    done = metas[0.5]["interpolation"]
+    assert done["alpha"] == 0.5 and done["interpolated_tensors"] >= len(moved)
+    assert set(head) <= set(done["kept_as_trained"])
+    assert metas[0.5]["mlflow_run_id"] == runs(store)[1][0].info.run_id  # the newest run: the one trained
+    assert metas[0.5]["threshold"] != metas[1.0]["threshold"]  # chosen on the interpolated model's scores
+    from training.interpolate import InterpolateError, run
+
+    with pytest.raises(InterpolateError, match=r"already interpolated \(alpha 0.5, from training"):
+        run(dirs[0.5], load_config(SMOKE, SHRINK), 0.5, pretrained={})
 
 
 # ------------------------------------------------------------------------------------------ resume, DDP

@@ -151,6 +151,9 @@ class TrainConfig:
     # out-of-distribution benchmark); the test split is untouched
     exclude_sources: list[str] = field(default_factory=list)
     evaluate_test: bool = True  # score the test split after training (the OOD folds score their own rows)
+    # WiSE-FT (training/interpolate.py): after fine-tuning, every encoder weight becomes (1 - a) x the
+    # backbone as loaded + a x the fine-tuned one, before the threshold is chosen (1.0 = the model as trained)
+    wise_alpha: float = 1.0
 
 
 @dataclass

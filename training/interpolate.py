@@ -44,7 +44,7 @@ def interpolate(model, pretrained: dict, alpha: float) -> dict:
             if source is None or source.shape != tensor.shape or not tensor.is_floating_point():
                 kept.append(name)
                 continue
-            tensor.copy_((1.0 - alpha) * source.to(tensor.dtype) + alpha * tensor)
+            tensor.copy_((1.0 - alpha) * source.to(tensor.device, tensor.dtype) + alpha * tensor)
             count += 1
     return {"interpolated": count, "kept": kept}
 
@@ -81,8 +81,9 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     if meta.get("interpolation"):
-        raise InterpolateError(f"{model_dir} is already interpolated ({meta['interpolation']}): start from the "
-                               f"model as trained, {meta['interpolation']['from']}")
+        done = meta["interpolation"]
+        raise InterpolateError(f"{model_dir} is already interpolated (alpha {done['alpha']:g}, from "
+                               f"{done['from']}): start from a model as trained (train.wise_alpha=1.0)")
     out_dir = Path(out_dir or f"{model_dir}-wise{alpha:g}")
     if out_dir.resolve() == model_dir.resolve():
         raise InterpolateError("--out must be another directory than the model's")

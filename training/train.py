@@ -472,6 +472,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if not 0 < t.layer_lr_decay <= 1:
         raise ConfigError(f"train.layer_lr_decay must be in (0, 1] (1 = one learning rate), got {t.layer_lr_decay}")
+    if not 0 <= t.wise_alpha <= 1:
+        raise ConfigError(f"train.wise_alpha must be in [0, 1] (1 = the model as trained), got {t.wise_alpha}")
     from training.evaluate import check_eval_config
     from training.metrics import THRESHOLD_RULES
 
@@ -630,6 +632,9 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
 
     with state.main_process_first():  # a backbone conversion into model.cache_dir happens once
         model, tokenizer, info = load_backbone(cfg.model, corpus_texts=list(train_rows["text"]))
+    # WiSE-FT's other end: the encoder as loaded (a resumed run loads its checkpoint later, in trainer.train)
+    initial = ({k: v.detach().clone() for k, v in model.base_model.state_dict().items()}
+               if main and t.wise_alpha < 1 else None)
     encoder = Encoder(tokenizer.backend_tokenizer, text_settings(cfg))
     train_set = encode(encoder, list(train_rows["text"]), list(train_rows["label"]), "train", main)
     val_set = encode(encoder, list(val_during["text"]), list(val_during["label"]), "validation",
@@ -684,7 +689,18 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
                         "train/best_val_pr_auc": float(trainer.state.best_metric or float("nan"))})
     print(f"trained {trainer.state.global_step} steps at {sps:.1f} samples/s; best checkpoint "
           f"{trainer.state.best_model_checkpoint} (validation PR-AUC {trainer.state.best_metric})", flush=True)
-    result.model_dir, result.metrics = _finish(cfg, trainer, tokenizer, encoder, info, data_dir, splits, run_id)
+    interpolation = None
+    if initial is not None:
+        from training.interpolate import interpolate
+
+        report = interpolate(trainer.model, initial, t.wise_alpha)  # the best checkpoint, in place
+        interpolation = {"alpha": t.wise_alpha, "from": f"training (train.wise_alpha), {cfg.model.backbone}",
+                         "interpolated_tensors": report["interpolated"], "kept_as_trained": report["kept"]}
+        mlflow.log_metric("train/wise_interpolated_tensors", report["interpolated"])
+        print(f"WiSE-FT: {report['interpolated']} encoder tensors interpolated with the backbone as loaded at alpha "
+              f"{t.wise_alpha:g} (kept as trained: {', '.join(report['kept'])})", flush=True)
+    result.model_dir, result.metrics = _finish(cfg, trainer, tokenizer, encoder, info, data_dir, splits, run_id,
+                                               interpolation)
     return result
 
 
@@ -693,9 +709,10 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path, splits, run_id: str,
-            ) -> tuple[Path, dict]:
+            interpolation: dict | None = None) -> tuple[Path, dict]:
     """Rank 0, inside the MLflow run: the threshold policy on the validation split (global + per
-    language), the model directory, test evaluation of the saved directory at the same policy, artifacts."""
+    language), the model directory, test evaluation of the saved directory at the same policy, artifacts.
+    `interpolation`: what WiSE-FT did to trainer.model, kept in spamlingo.json."""
     import mlflow
 
     from serving import thresholds as TH
@@ -704,7 +721,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     from training.metrics import ThresholdWarning, config_threshold_policy
 
     out_dir = resolve_path(cfg.train.output_dir)
-    model = trainer.model  # the best checkpoint (load_best_model_at_end)
+    model = trainer.model  # the best checkpoint (load_best_model_at_end), interpolated if train.wise_alpha < 1
     val = splits["validation"]
     y_val = list(val["label"])
     p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
@@ -751,6 +768,8 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
                      trainer.state.best_global_step, "best_val_pr_auc_during_training": trainer.state.best_metric},
         "backbone_info": info,  # parameters, layers kept, vocabulary trimming report, frozen parts
     }
+    if interpolation:
+        meta["interpolation"] = interpolation
     model_dir = write_model_dir(out_dir / MODEL_DIR, model, tokenizer, meta)
 
     # The test split scores the directory as written (what export and serving will load), not the
