@@ -17,8 +17,9 @@ Steps
    transformer fusions are applied and kept only if the fused graph passes the same gate.
 4. int8 (dynamic quantisation), remedies tried in order until one passes the int8 gate (label agreement
    with fp32 >= export.int8_min_agreement, spam-F1 drop <= export.int8_max_f1_drop overall and per
-   language, where a language with one label changed passes), from training/quantize.py: plain; per-channel; per-channel + reduced range; the feed-forward
-   output projections, then every layer MatMul, in 8-bit blocks (MatMulNBits: a scale per 32 weights and per
+   language, where a language with one label changed passes), from training/quantize.py: plain;
+   per-channel; per-channel + reduced range; the feed-forward output projections, then every layer
+   MatMul, in 8-bit blocks (MatMulNBits: a scale per 32 weights and per
    32 activations); the feed-forward output projections in fp32 (lowest layers first, then all); per-channel
    without the last encoder layer and the embeddings; weight-only 8-bit MatMuls everywhere. None passing:
    the bundle ships fp32 only and says why.
@@ -395,11 +396,11 @@ def int8_parity(labels, langs, p_fp32, p_int8, threshold, min_agreement: float, 
         if not ok:
             reasons.append(f"{scope}: F1 drop {drop:.4f} > {max_f1_drop}" if not math.isnan(drop)
                            else f"{scope}: F1 undefined for one variant")
-        table[scope] = {"rows": int(m.sum()), "changed": changed, "agreement": a, "f1_fp32": f_fp, "f1_int8": f_q,
-                        "f1_drop": drop, "gated": gated, "passed": ok}
+        table[scope] = {"rows": int(m.sum()), "changed": changed, "agreement": a, "f1_fp32": f_fp,
+                        "f1_int8": f_q, "f1_drop": drop, "gated": gated, "passed": ok}
     return {"label_agreement": agree, "min_agreement": min_agreement, "max_f1_drop": max_f1_drop,
-            "min_lang_rows": MIN_LANG_ROWS, "lang_changes_tolerated": LANG_CHANGES_TOLERATED, "scopes": table, "passed": not reasons,
-            "reason": "; ".join(reasons)}
+            "min_lang_rows": MIN_LANG_ROWS, "lang_changes_tolerated": LANG_CHANGES_TOLERATED, "scopes": table,
+            "passed": not reasons, "reason": "; ".join(reasons)}
 
 
 # ------------------------------------------------------------------------------------------ export
