@@ -386,17 +386,18 @@ def int8_parity(labels, langs, p_fp32, p_int8, threshold, min_agreement: float, 
     for scope, m in scopes.items():
         f_fp = binary_metrics(y[m], p_fp32[m], threshold[m])["f1"]
         f_q = binary_metrics(y[m], p_int8[m], threshold[m])["f1"]
+        rows = int(m.sum())
         changed = int(np.sum((p_fp32[m] >= threshold[m]) != (p_int8[m] >= threshold[m])))
-        a = 1.0 - changed / int(m.sum())
+        a = 1.0 - changed / rows if rows else 1.0
         drop = (f_fp - f_q) if not (math.isnan(f_fp) or math.isnan(f_q)) else (
             0.0 if math.isnan(f_fp) and math.isnan(f_q) else math.nan)
-        gated = scope == "overall" or int(m.sum()) >= MIN_LANG_ROWS
+        gated = scope == "overall" or rows >= MIN_LANG_ROWS
         ok = ((not gated) or (not math.isnan(drop) and drop <= max_f1_drop + 1e-12)
               or (scope != "overall" and changed <= LANG_CHANGES_TOLERATED))
         if not ok:
             reasons.append(f"{scope}: F1 drop {drop:.4f} > {max_f1_drop}" if not math.isnan(drop)
                            else f"{scope}: F1 undefined for one variant")
-        table[scope] = {"rows": int(m.sum()), "changed": changed, "agreement": a, "f1_fp32": f_fp,
+        table[scope] = {"rows": rows, "changed": changed, "agreement": a, "f1_fp32": f_fp,
                         "f1_int8": f_q, "f1_drop": drop, "gated": gated, "passed": ok}
     return {"label_agreement": agree, "min_agreement": min_agreement, "max_f1_drop": max_f1_drop,
             "min_lang_rows": MIN_LANG_ROWS, "lang_changes_tolerated": LANG_CHANGES_TOLERATED, "scopes": table,
