@@ -49,6 +49,13 @@ def interpolate(model, pretrained: dict, alpha: float) -> dict:
     return {"interpolated": count, "kept": kept}
 
 
+def record(alpha: float, source: str, report: dict) -> dict:
+    """spamlingo.json's "interpolation" (docs/DESIGN.md §3), from `interpolate`'s report: written by
+    `make interpolate` and by training with train.wise_alpha < 1."""
+    return {"alpha": alpha, "from": source, "interpolated_tensors": report["interpolated"],
+            "kept_as_trained": report["kept"]}
+
+
 def pretrained_state(backbone: str, cache_dir: str) -> dict:
     """The base model's weights as pretrained: the offline multilingual-e5-small, or a hub model."""
     from transformers import AutoModel
@@ -99,9 +106,7 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     model.save_pretrained(out_dir)
     # a new model: not the MLflow run's (its metrics are the trained model's); the source is named instead
-    meta.update(mlflow_run_id=None, interpolation={"alpha": alpha, "from": str(model_dir.resolve()),
-                                                   "interpolated_tensors": report["interpolated"],
-                                                   "kept_as_trained": report["kept"]})
+    meta.update(mlflow_run_id=None, interpolation=record(alpha, str(model_dir.resolve()), report))
     (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"interpolated {report['interpolated']} tensors of {model_dir} with the pretrained {meta['backbone']} "
           f"at alpha {alpha:g} (kept as trained: {', '.join(report['kept'])}) -> {out_dir}")

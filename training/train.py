@@ -691,11 +691,10 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
           f"{trainer.state.best_model_checkpoint} (validation PR-AUC {trainer.state.best_metric})", flush=True)
     interpolation = None
     if initial is not None:
-        from training.interpolate import interpolate
+        from training.interpolate import interpolate, record
 
         report = interpolate(trainer.model, initial, t.wise_alpha)  # the best checkpoint, in place
-        interpolation = {"alpha": t.wise_alpha, "from": f"training (train.wise_alpha), {cfg.model.backbone}",
-                         "interpolated_tensors": report["interpolated"], "kept_as_trained": report["kept"]}
+        interpolation = record(t.wise_alpha, f"training (train.wise_alpha), {cfg.model.backbone}", report)
         mlflow.log_metric("train/wise_interpolated_tensors", report["interpolated"])
         print(f"WiSE-FT: {report['interpolated']} encoder tensors interpolated with the backbone as loaded at alpha "
               f"{t.wise_alpha:g} (kept as trained: {', '.join(report['kept'])})", flush=True)
