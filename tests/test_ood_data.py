@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config, resolve_path
-from training.data import read_labelled_file
+from training.sources import read_labelled_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = load_config(ROOT / "configs" / "default.yaml")

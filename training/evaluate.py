@@ -274,11 +274,11 @@ def file_hash(path: str | Path) -> str:
 def evaluate_file(model_dir: str | Path, path: str | Path, cfg: Config, *, text: str = "text",
                   label: str = "label", source: str = "source", log: bool = True,
                   progress: bool = True, error_report: str | Path | None = None) -> EvalResult:
-    """Score any labelled CSV/TSV/JSONL (training.data.read_labelled_file) with the same metrics, per
+    """Score any labelled CSV/TSV/JSONL (training.sources.read_labelled_file) with the same metrics, per
     source (the `source` column, else the file name) and per language; log to a new `eval` run tagged
     with the file, its sha256 and the model's run. Metric names: `data/<scope>/<metric>`."""
     from training import metrics as M
-    from training.data import read_labelled_file
+    from training.sources import read_labelled_file
 
     check_eval_config(cfg)
     model_dir = Path(model_dir)

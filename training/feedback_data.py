@@ -145,7 +145,8 @@ def load(name: str, cc: CorpusConfig, dcfg: DataConfig, drops) -> tuple[list[dic
 
 def card(name: str, info: dict, splits: dict[str, list[dict]], drops: dict[str, int]) -> str:
     """The generated data card of the feedback rows of one prepared dataset (markdown)."""
-    from training.data import LABEL_NAMES, SPLITS, _table
+    from training.data import LABEL_NAMES, SPLITS
+    from training.mix_card import md_table
 
     mine = {s: [r for r in splits[s] if r["source"] == name] for s in SPLITS}
     langs = sorted({r["lang"] for s in SPLITS for r in mine[s]})
@@ -173,7 +174,7 @@ def card(name: str, info: dict, splits: dict[str, list[dict]], drops: dict[str, 
         f"{sum(len(v) for v in mine.values())}",
         "",
         "## Held back (never trained on)",
-        _table(["reason", "reports", "languages"], held_rows),
+        md_table(["reason", "reports", "languages"], held_rows),
         "",
         "conflicting_labels: the same normalised text reported as spam and as ham; reporter_cap: one reporter's",
         "texts beyond the cap, oldest kept.",
@@ -181,7 +182,7 @@ def card(name: str, info: dict, splits: dict[str, list[dict]], drops: dict[str, 
     if other:
         lines += ["", "Also dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(other.items())) +
                   " (label_conflict: the text is in a corpus with the other label)."]
-    lines += ["", "## In the splits", _table(["split", "spam", "ham", "rows"], split_rows),
-              "", "## Languages", _table(["lang", "spam", "ham"], lang_rows),
-              "", "## Reports kept, by day", _table(["day", "rows"], [[d, n] for d, n in sorted(days.items())]), ""]
+    lines += ["", "## In the splits", md_table(["split", "spam", "ham", "rows"], split_rows),
+              "", "## Languages", md_table(["lang", "spam", "ham"], lang_rows),
+              "", "## Reports kept, by day", md_table(["day", "rows"], [[d, n] for d, n in sorted(days.items())]), ""]
     return "\n".join(lines)

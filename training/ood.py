@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from training.config import Config, ConfigError, resolve_path, with_overrides
+from training.config import Config, resolve_path, with_overrides
 
 PROTOCOLS = ("unseen_ham", "eval_sets", "evasion", "loco")
 SIDES = ("model", "baseline")
@@ -196,11 +196,11 @@ def _score_both(scorers: dict[str, Scorer], texts: list[str]) -> tuple[dict, lis
 
 
 def read_rows(paths: Sequence[str], what: str) -> list[dict]:
-    """Rows of labelled files (training.data.read_labelled_file: text, label, source, lang) plus their
+    """Rows of labelled files (training.sources.read_labelled_file: text, label, source, lang) plus their
     `script` column where the file has one."""
     import json
 
-    from training.data import DataError, read_labelled_file
+    from training.sources import DataError, read_labelled_file
 
     rows: list[dict] = []
     for p in paths:
