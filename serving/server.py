@@ -43,35 +43,44 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import explain as X
-from serving.text import LANGS
+from serving.batching import WARMUP_TEXTS, Batcher, Overloaded, ServedModel
+from serving.metrics import Metrics, MetricsMiddleware
+from serving.schemas import (
+    ApiError,
+    ClassifyResponse,
+    FeedbackAck,
+    FeedbackStats,
+    Health,
+    ModelInfo,
+    Readiness,
+    classify_request,
+    error_responses,
+    feedback_request,
+)
 
 log = logging.getLogger("spamlingo.server")
 
 API_VERSION = "1"
-WARMUP_TEXTS = ["Free entry: text WIN to claim your prize", "恭喜您中奖了，请点击链接领取", "今すぐ登録してください",
-                "무료 쿠폰을 받으세요", "see you at lunch?"]
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -132,454 +141,8 @@ class ServerSettings:
 # ------------------------------------------------------------------------------------------ errors
 
 
-class ApiError(Exception):
-    """A request the server refuses: answered as {"error": {"kind", "message"}} with `status`."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
-
-
 def _error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status, headers=headers)
-
-
-# ------------------------------------------------------------------------------------------ OpenAPI models
-
-
-class ErrorDetail(BaseModel):
-    kind: str = Field(description="machine-readable error kind, e.g. invalid_json, text_too_long, overloaded")
-    message: str = Field(description="what was wrong, naming the offending field or limit")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-_SCOPE_PATTERN = "^(global|lang:(" + "|".join(LANGS) + "))$"
-
-
-class Span(BaseModel):
-    start: int = Field(ge=0, description="offset of the span in the text as sent (Python str index: Unicode "
-                                         "code points, not UTF-16 units)")
-    end: int = Field(ge=0, description="offset just past the span")
-    text: str = Field(description="text[start:end] of the text as sent")
-    effect: float = Field(ge=-1.0, le=1.0, description="> 0: the span raised the spam probability. decomposition: "
-                                                       "p(spam) - sigmoid(logit - the span's tokens' share of it); "
-                                                       "occlusion: p(spam | text) - p(spam | text without the span)")
-
-
-class Explanation(BaseModel):
-    spans: list[Span] = Field(description="up to 5 spans that raised and 5 that lowered p(spam) most, by |effect| "
-                                          "descending (words / 2-character CJK chunks)")
-    method: Literal["decomposition", "occlusion"] = Field(
-        description="decomposition: the mean-pooled logit split over the tokens of the same pass (bundles with "
-                    "token_scores); occlusion: each span removed in turn (at most --explain-max-rows per text)")
-
-
-class Result(BaseModel):
-    label: Literal["spam", "ham"]
-    spam_probability: float = Field(ge=0.0, le=1.0, description="softmax(logits)[1]")
-    threshold: float = Field(description="the threshold that applied to this text (its language's own, or "
-                                         "the global one): label is spam iff spam_probability >= threshold")
-    threshold_scope: str = Field(pattern=_SCOPE_PATTERN, examples=["lang:ko", "global"],
-                                 description='"lang:<tag>" when the text\'s language has a threshold of its '
-                                             'own (chosen on that language\'s validation rows), else "global"')
-    lang: Literal[LANGS] = Field(description="script-based tag of the normalised text")  # type: ignore[valid-type]
-    truncated: bool = Field(description="the text was longer than the model reads (tokens or --max-chars)")
-    explanation: Explanation | None = Field(default=None, description='only with "explain": true')
-
-
-class ModelInfo(BaseModel):
-    bundle: str = Field(description="bundle directory name")
-    variant: Literal["fp32", "int8"]
-    sha256: str = Field(description="first 16 hex digits of the served ONNX file's checksum")
-    threshold: float = Field(description="the global threshold: for texts whose language has none of its own")
-    threshold_by_lang: dict[Literal[LANGS], float] = Field(  # type: ignore[valid-type]
-        default_factory=dict, description="per-language thresholds, by language tag (scope lang:<tag>)")
-    created_at: str | None = None
-    mlflow_run_id: str | None = None
-
-
-class ClassifyResponse(BaseModel):
-    results: list[Result] = Field(description="one result per input text, in the same order")
-    model: ModelInfo
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class FeedbackAck(BaseModel):
-    id: int = Field(description="the report's id in the feedback store")
-    duplicate: bool = Field(description="true when this report (same normalised text, label and reporter) was "
-                                        "already stored: id is then the first report's id (status 200, not 201)")
-
-
-class Disagreement(BaseModel):
-    total: int
-    reported_spam_model_ham: int = Field(description="label spam, probability below the threshold that applied")
-    reported_ham_model_spam: int = Field(description="label ham, probability at or above the threshold")
-
-
-class FeedbackStats(BaseModel):
-    total: int
-    by_label: dict[str, int]
-    by_lang: dict[str, int]
-    by_day: dict[str, int] = Field(description="reports per UTC day (YYYY-MM-DD)")
-    by_bundle: dict[str, int] = Field(description="reports per served model (first 16 hex digits of its sha256)")
-    reporters: int = Field(description="distinct reporters (reports without one count as one)")
-    disagree: Disagreement = Field(description="reports whose label is not the model's verdict at report time")
-    first: str | None = None
-    last: str | None = None
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "starting"]
-    model: ModelInfo | None = None
-
-
-def _request_model(settings: ServerSettings) -> type[BaseModel]:
-    # The schema states the live limits, so clients and schemathesis see what the server enforces.
-    if settings.too_long == "reject":
-        text_type: Any = Annotated[str, StringConstraints(max_length=settings.max_chars)]
-    else:
-        text_type = str
-    example = {"texts": ["WINNER!! Claim your prize: reply YES", "恭喜您中奖了，请点击链接领取", "会議は3時からです"]}
-    return create_model(
-        "ClassifyRequest",
-        __config__=ConfigDict(json_schema_extra={"examples": [example]}),
-        texts=(list[text_type], Field(min_length=1, max_length=settings.max_texts,
-                                      description="messages to classify (raw text; normalised by the server)")),
-        explain=(bool, Field(default=False, description="add each result's `explanation` (at most "
-                                                        f"{settings.explain_max_texts} texts; more: 413)")),
-    )
-
-
-def _feedback_model(settings: ServerSettings) -> type[BaseModel]:
-    from serving.feedback import MAX_REPORTER_CHARS
-
-    text = Annotated[str, StringConstraints(min_length=1, max_length=settings.max_chars, pattern=r"\S")]
-    example = {"text": "恭喜您中奖了，请点击链接领取", "label": "spam", "reporter": "user-42", "note": "phishing"}
-    return create_model(
-        "FeedbackRequest",
-        __config__=ConfigDict(json_schema_extra={"examples": [example]}),
-        text=(text, Field(description="the message as the user received it (at most --max-chars characters; "
-                                      "not only whitespace)")),
-        label=(Literal["spam", "ham"], Field(description="what the reporter says the message is")),
-        reporter=(Annotated[str, StringConstraints(max_length=MAX_REPORTER_CHARS)] | None,
-                  Field(default=None, description="who reports (one report per text, label and reporter)")),
-        note=(Annotated[str, StringConstraints(max_length=settings.max_chars)] | None,
-              Field(default=None, description="free text, stored with the report")),
-    )
-
-
-def _errors(*codes: int, feedback: bool = False) -> dict[int | str, dict[str, Any]]:
-    text = {400: "invalid_json, invalid_utf8, invalid_unicode (an unpaired surrogate escape)",
-            401: "unauthorized: missing or wrong `Authorization: Bearer <key>`",
-            408: "request_timeout: the body did not arrive within --read-timeout seconds",
-            413: "body_too_large (--max-body-bytes), too_many_texts (--max-texts; --explain-max-texts with "
-                 '"explain": true), text_too_long (--max-chars)',
-            422: "invalid_request (wrong shape or types), empty_texts",
-            500: "inference_error", 503: "overloaded: the queue is full; retry after Retry-After seconds"}
-    if feedback:
-        text |= {413: "body_too_large (--max-body-bytes), text_too_long (text or note over --max-chars, reporter "
-                      "over 256 characters)",
-                 422: "invalid_request (wrong shape, types or label), empty_text",
-                 500: "inference_error, internal",
-                 503: "overloaded (retry after Retry-After seconds), feedback_disabled (--feedback-db none), "
-                      "store_unavailable (the database refused the write)"}
-    out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
-    if 503 in out:
-        out[503]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
-    if 401 in out:
-        out[401]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
-    return out
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-
-class Metrics:
-    """Prometheus metrics in a registry of their own (several apps can live in one process, e.g. tests)."""
-
-    def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("spamlingo_http_requests", "HTTP requests by path and status code",
-                                ["path", "status"], registry=r)
-        self.latency = Histogram("spamlingo_http_request_duration_seconds", "HTTP request latency", ["path"],
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
-                                 registry=r)
-        self.batch_size = Histogram("spamlingo_batch_size", "texts per ONNX Runtime call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.inference = Histogram("spamlingo_inference_duration_seconds", "seconds per ONNX Runtime batch",
-                                   buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=r)
-        self.queue_depth = Gauge("spamlingo_queue_depth", "texts waiting for the model", registry=r)
-        self.errors = Counter("spamlingo_errors", "refused or failed requests by error kind", ["kind"], registry=r)
-        self.texts = Counter("spamlingo_texts", "texts classified by label", ["label"], registry=r)
-        self.reloads = Counter("spamlingo_reloads", "bundle reloads by result (success|failure) and trigger "
-                               "(http|sighup)", ["result", "trigger"], registry=r)
-        self.bundle = Gauge("spamlingo_bundle_info", "the served bundle: 1 for the current bundle, variant and "
-                            "sha256 (first 16 hex digits of the served graph's)", ["bundle", "variant", "sha256"],
-                            registry=r)
-        self.feedback = Counter("spamlingo_feedback_reports", "feedback reports by label and result "
-                                "(stored|duplicate)", ["label", "result"], registry=r)
-        self.feedback_commit = Histogram("spamlingo_feedback_commit_reports", "feedback reports per commit",
-                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-
-    def set_bundle(self, info: dict, previous: dict | None = None) -> None:
-        if previous is not None:
-            try:
-                self.bundle.remove(previous["bundle"], previous["variant"], previous["sha256"])
-            except KeyError:
-                pass
-        self.bundle.labels(info["bundle"], info["variant"], info["sha256"]).set(1)
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware: counts every HTTP response by path and status and times it."""
-
-    def __init__(self, app, metrics: Metrics, paths: set[str]):
-        self.app, self.metrics, self.paths = app, metrics, paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"] if scope["path"] in self.paths else "other"  # bounded label cardinality
-        status = {"code": 500}
-        start = time.perf_counter()
-
-        async def _send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        finally:
-            self.metrics.requests.labels(path, str(status["code"])).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
-
-
-# ------------------------------------------------------------------------------------------ batching
-
-
-class Overloaded(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the batcher runs: `predict(texts) -> list[dict]`, the ModelInfo that responses carry, and the
-    full sha256 of the served graph (`info["sha256"]` is its first 16 hex digits)."""
-
-    predict: Callable[[list[str]], list[dict]]
-    info: dict
-    sha256: str
-    score: Callable[[list[str]], Any] | None = None  # p(spam) of texts in one call (serving/explain.py)
-    # explain(texts, max_rows) -> [explanation] on the worker thread, and its method (serving/explain.py)
-    explain: Callable[[Sequence[str], int], list[dict]] | None = None
-    explain_method: str = "occlusion"
-
-
-class _Pending:
-    __slots__ = ("texts", "future", "results", "sent", "done", "arrival", "cancelled", "model")
-
-    def __init__(self, texts: Sequence[str], future: asyncio.Future, arrival: float):
-        self.texts, self.future, self.arrival = texts, future, arrival
-        self.results: list[Any] = [None] * len(texts)
-        self.sent = 0  # texts handed to the model so far
-        self.done = 0  # texts with results
-        self.cancelled = False
-        self.model: ServedModel | None = None  # the model its texts ran on (one model per request)
-
-
-class Batcher:
-    """Gathers texts of concurrent requests into batches for one worker thread.
-
-    `predict(texts) -> list[dict]` runs on that thread, at most `max_batch` texts at a time. A batch goes as
-    soon as it is full or the oldest waiting text has waited `max_wait_s`. A request whose texts would push
-    the number waiting above `max_queue` is refused (`Overloaded`) unless nothing is waiting (so a request
-    larger than the queue is still served). A large request may be split over several batches; its results
-    are reassembled in order. Texts of a request whose client went away are skipped.
-
-    fp32 results do not depend on batching. With the int8 graph (ONNX Runtime dynamic quantisation scales
-    activations per batch tensor) a text's probability moves slightly with its batch-mates: < 4e-4 measured
-    on the tiny test model.
-
-    `swap(model)` replaces the model between two batches (hot reload): a batch already running finishes on
-    the old model, a request split over several batches finishes on the model it started on, and every
-    text still queued runs on the new one. Each request learns which model served it (`submit` returns it).
-    """
-
-    def __init__(self, model: ServedModel, max_batch: int, max_wait_s: float, max_queue: int, metrics: Metrics,
-                 warmup: Sequence[str] = WARMUP_TEXTS):
-        self.model, self.max_batch, self.max_wait_s, self.max_queue = model, max_batch, max_wait_s, max_queue
-        self.metrics, self.warmup_texts = metrics, list(warmup)
-        self.ready = False
-        self._staged: tuple[ServedModel, asyncio.Future] | None = None  # a swap waiting for a batch boundary
-        self.queued = 0  # texts accepted but not yet handed to the model
-        self._pending: deque[_Pending] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._batch_seconds = 0.01  # running mean, for Retry-After
-
-    async def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamlingo-ort")
-        self._task = asyncio.create_task(self._run(), name="spamlingo-batcher")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for req in self._pending:
-            if not req.future.done():
-                req.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down",
-                                                  {"Retry-After": "1"}))
-        self._pending.clear()
-        if self._staged and not self._staged[1].done():
-            self._staged[1].set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
-        if self._executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def call(self, fn: Callable, *args) -> Any:
-        """fn(*args) on the model's worker thread, between two batches (explanations run there)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def retry_after(self) -> int:
-        batches = math.ceil((self.queued + 1) / self.max_batch)
-        return max(1, math.ceil(batches * self._batch_seconds))
-
-    async def submit(self, texts: Sequence[str]) -> tuple[list[dict], ServedModel]:
-        """(one result per text in order, the model that produced them)."""
-        n = len(texts)
-        if self.queued and self.queued + n > self.max_queue:
-            raise Overloaded()
-        req = _Pending(texts, asyncio.get_running_loop().create_future(), time.perf_counter())
-        self._pending.append(req)
-        self._set_queued(self.queued + n)
-        self._wakeup.set()
-        try:
-            return await req.future, req.model
-        except asyncio.CancelledError:
-            req.cancelled = True
-            raise
-
-    async def swap(self, model: ServedModel) -> ServedModel:
-        """Serve `model` from the next batch boundary on; returns the model it replaced."""
-        if self._staged is not None:
-            raise RuntimeError("a swap is already waiting")  # the server serialises reloads
-        fut = asyncio.get_running_loop().create_future()
-        self._staged = (model, fut)
-        self._wakeup.set()
-        return await fut
-
-    def _head_started(self) -> bool:
-        """The request at the head of the queue has texts in a batch already (it was split)."""
-        if not self._pending:
-            return False
-        head = self._pending[0]
-        return head.sent > 0 and not (head.cancelled or head.future.done())
-
-    def _apply_swap(self) -> None:
-        model, fut = self._staged
-        self._staged = None
-        old, self.model = self.model, model
-        if not fut.done():
-            fut.set_result(old)
-
-    def _set_queued(self, n: int) -> None:
-        self.queued = n
-        self.metrics.queue_depth.set(n)
-
-    def _take(self, finish_only: bool = False) -> list[tuple[_Pending, int, int]]:
-        """Up to max_batch texts from the head of the queue, as (request, start, end) slices. finish_only:
-        only the rest of a request already started (a swap is waiting for it to finish)."""
-        out, room = [], self.max_batch
-        while self._pending and room:
-            req = self._pending[0]
-            if req.cancelled or req.future.done():
-                self._pending.popleft()
-                self._set_queued(self.queued - (len(req.texts) - req.sent))
-                continue
-            if finish_only and req.sent == 0:
-                break
-            k = min(room, len(req.texts) - req.sent)
-            out.append((req, req.sent, req.sent + k))
-            req.sent += k
-            room -= k
-            self._set_queued(self.queued - k)
-            if req.sent == len(req.texts):
-                self._pending.popleft()
-        return out
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self.model.predict, self.warmup_texts)
-            self.ready = True
-            log.info("warm-up inference done; ready")
-        except Exception:  # noqa: BLE001 - stays not ready (503 on /readyz); requests still get tried
-            log.exception("warm-up inference failed")
-        while True:
-            if self._staged is not None and not self._head_started():
-                self._apply_swap()  # between batches: the previous one has finished on the old model
-            if not self._pending:
-                self._wakeup.clear()
-                if self._staged is not None:
-                    continue
-                await self._wakeup.wait()
-                continue
-            deadline = self._pending[0].arrival + self.max_wait_s
-            while self.queued < self.max_batch:
-                timeout = deadline - time.perf_counter()
-                if timeout <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                except TimeoutError:
-                    break
-            slices = self._take(finish_only=self._staged is not None)
-            if slices:
-                await self._run_batch(loop, slices, self.model)
-
-    async def _run_batch(self, loop, slices: list[tuple[_Pending, int, int]], model: ServedModel) -> None:
-        texts = [t for req, a, b in slices for t in req.texts[a:b]]
-        start = time.perf_counter()
-        try:
-            out = await loop.run_in_executor(self._executor, model.predict, texts)
-            if len(out) != len(texts):
-                raise RuntimeError(f"the model returned {len(out)} results for {len(texts)} texts")
-        except Exception as e:  # noqa: BLE001 - the requests of this batch hear about it
-            log.exception("inference failed on a batch of %d texts", len(texts))
-            if len(slices) > 1:
-                # One request's text must not fail the others it was batched with: retry them one by one.
-                for piece in slices:
-                    await self._run_batch(loop, [piece], model)
-                return
-            err = ApiError(500, "inference_error", f"inference failed: {type(e).__name__}: {e}")
-            for req, _, _ in slices:
-                if not req.future.done():
-                    req.future.set_exception(err)
-            return
-        seconds = time.perf_counter() - start
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
-        self.metrics.batch_size.observe(len(texts))
-        self.metrics.inference.observe(seconds)
-        i = 0
-        for req, a, b in slices:
-            req.results[a:b] = out[i:i + b - a]
-            req.model = model
-            i += b - a
-            req.done += b - a
-            if req.done == len(req.texts) and not req.future.done():
-                req.future.set_result(req.results)
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -935,12 +498,12 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
         return _error_response(500, "internal", "internal server error")
 
     # -------------------------------------------------------------------------- routes
-    request_model = _request_model(settings)
+    request_model = classify_request(settings)
 
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
-        responses=_errors(400, *auth_errors, 408, 413, 422, 500, 503),
+        responses=error_responses(400, *auth_errors, 408, 413, 422, 500, 503),
         dependencies=guarded,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/ClassifyRequest"}}}}},
@@ -1000,14 +563,14 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
             raise ApiError(503, "overloaded", f"the queue is full ({batcher.queued} texts waiting); retry later",
                            {"Retry-After": str(batcher.retry_after())}) from None
 
-    feedback_model = _feedback_model(settings)
+    feedback_model = feedback_request(settings)
 
     @app.post(
         "/v1/feedback",
         status_code=201,
         response_model=FeedbackAck,
         responses={200: {"model": FeedbackAck, "description": "a duplicate: this report was stored before (its id)"},
-                   **_errors(400, *feedback_auth_errors, 408, 413, 422, 500, 503, feedback=True)},
+                   **error_responses(400, *feedback_auth_errors, 408, 413, 422, 500, 503, feedback=True)},
         dependencies=feedback_guard,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/FeedbackRequest"}}}}},
@@ -1035,7 +598,7 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
         return JSONResponse({"id": report_id, "duplicate": duplicate}, status_code=200 if duplicate else 201)
 
     @app.get("/v1/feedback/stats", response_model=FeedbackStats, dependencies=guarded,
-             responses=_errors(*auth_errors, 503, feedback=True), operation_id="feedback_stats",
+             responses=error_responses(*auth_errors, 503, feedback=True), operation_id="feedback_stats",
              summary="Feedback reports: counts by label, language and day; disagreements with the model")
     async def feedback_stats():
         if writer is None:
@@ -1066,7 +629,7 @@ def create_app(settings: ServerSettings, predict: Callable[[list[str]], list[dic
 
     @app.get("/metrics", summary="Prometheus metrics", dependencies=guarded, response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}, **_errors(*auth_errors)})
+                              "description": "Prometheus text format"}, **error_responses(*auth_errors)})
     async def metrics_endpoint():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
