@@ -174,7 +174,7 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
 
 
 def test_parity_gates_compare_labels_at_each_rows_threshold():
-    from training.export import fp32_parity, int8_parity
+    from training.parity import fp32_parity, int8_parity
 
     # two rows at the same probabilities; the second (ko) has a threshold of its own
     p32 = np.array([0.5, 0.5])
@@ -195,7 +195,7 @@ def test_parity_gates_compare_labels_at_each_rows_threshold():
 def test_int8_language_gate_tolerates_one_changed_label_but_not_two():
     """A gated language (>= MIN_LANG_ROWS rows) with one label changed passes whatever that does to its F1;
     two changed labels are held to export.int8_max_f1_drop, and so is the overall scope."""
-    from training.export import LANG_CHANGES_TOLERATED, MIN_LANG_ROWS, int8_parity
+    from training.parity import LANG_CHANGES_TOLERATED, MIN_LANG_ROWS, int8_parity
 
     assert LANG_CHANGES_TOLERATED == 1
     n_en, n_mx = 400, MIN_LANG_ROWS + 5  # mixed: 10 spam, 25 ham; one missed spam is ~0.05 of its F1
