@@ -29,7 +29,8 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
 
     from training.backbone import count_parameters, freeze
     from training.evaluate import load_model
-    from training.train import Collator, LengthGroupedSampler, class_weights, encode
+    from training.train import Collator, encode
+    from training.trainer import LengthGroupedSampler, class_weights
 
     settings = _settings(quick) | {"threads": threads, "seed": seed}
     torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
-"""Training loop: the real smoke config shrunk (tiny backbone, ~200 training rows), a real MLflow store in
-tmp_path; end to end in-process, a failing run, kill + resume in subprocesses, two-process DDP (gloo)."""
+"""Training loop (training/train.py, training/trainer.py): the real smoke config shrunk (tiny backbone, ~200
+training rows), a real MLflow store in tmp_path; end to end in-process, a failing run, kill + resume in
+subprocesses, two-process DDP (gloo)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,13 @@ from pathlib import Path
 import pytest
 
 from training.config import ROOT, ConfigError, load_config
-from training.train import (
+from training.train import Collator, EncodedDataset, cap_training_rows, main
+from training.trainer import (
     BalancedSampler,
-    Collator,
-    EncodedDataset,
-    _make_trainer_class,
     LengthGroupedSampler,
-    cap_training_rows,
     class_weights,
     last_complete_checkpoint,
-    main,
+    make_trainer_class,
     resolve_precision,
 )
 
@@ -142,7 +140,7 @@ def test_layer_lr_decay_gives_lower_layers_smaller_learning_rates(tmp_path):
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # frozen: in no group
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to="none",
                              use_cpu=True)
-    trainer = _make_trainer_class()(model=model, args=args, layer_lr_decay=0.5)
+    trainer = make_trainer_class()(model=model, args=args, layer_lr_decay=0.5)
     opt = trainer.create_optimizer()
     lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -161,7 +159,7 @@ def test_layer_lr_decay_gives_lower_layers_smaller_learning_rates(tmp_path):
         sched.step()
     rates = sorted({g["lr"] for g in opt.param_groups})
     assert len(rates) == 5 and rates[-1] / rates[0] == pytest.approx(2 ** 4)
-    plain = _make_trainer_class()(model=model, args=args).create_optimizer()  # 1.0: the Trainer's own
+    plain = make_trainer_class()(model=model, args=args).create_optimizer()  # 1.0: the Trainer's own
     assert {g["lr"] for g in plain.param_groups} == {1e-3}
 
 
