@@ -42,8 +42,12 @@ def test_repository_configs_load():
     assert load_config("configs/smoke.yaml").retrain.model_name != default.retrain.model_name
     assert default.model.pooling == "mean" and default.train.linear_probe
     assert set(default.ood.folds) == {"zh_sms", "email", "spamassassin", "cjk_seed", "seeded"}
+    # the recipe chosen on the out-of-distribution benchmark: two epochs, WiSE-FT, 0.5% validation FPR
+    assert (default.train.epochs, default.train.wise_alpha, default.eval.target_fpr) == (2, 0.5, 0.005)
     previous = load_config("configs/previous-default.yaml")
     assert not previous.data.corpora["cjk_seed"].enabled and previous.model.pooling == "cls"
+    # ... and the recipe before the out-of-distribution work, as it was: none of the seed corpora, the 1% rule
+    assert not previous.data.corpora["notice_seed"].enabled and previous.eval.target_fpr == 0.01
     assert isinstance(default.data.corpora["enron"], CorpusConfig) and default.data.corpora["enron"].cap == 10000
     assert default.data.corpora["zh_fraud"].enabled is False
     smoke = load_config("configs/smoke.yaml")
