@@ -26,36 +26,32 @@ def _slim(grouped: dict) -> dict:
 
 def _baseline(inputs: Inputs, scopes: list[str], quick: bool) -> tuple[dict | None, dict]:
     """Test metrics of the TF-IDF baseline on the model's data: the newest finished baseline run with the
-    model's data_hash (else the newest one, flagged), trained first (not with --quick) when there is none
-    and the run's config prepares the same data."""
+    model's data_hash and threshold rule (else the newest one with that rule, flagged), trained first (not with
+    --quick) when there is none and the run's config prepares the same data."""
     from mlflow import MlflowClient
 
-    from training import tracking
+    from training.baseline import find_runs, run_baseline, same_rule_config
     from training.config import resolve_path
 
-    exp_id = tracking.setup(inputs.cfg)
     want = inputs.meta.get("data_hash")
-    runs = MlflowClient().search_runs(
-        [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=200)
-    run = next((r for r in runs if want and r.data.tags.get("data_hash") == want), None)
+    run, runs = find_runs(inputs.cfg, inputs.meta)
     trained = False
     if run is None:
         cfg, cfg_source = run_config(inputs)
         same_data = inputs.data_dir is not None and \
             resolve_path(cfg.data.output_dir).resolve() == inputs.data_dir.resolve()
         if not quick and same_data:
-            from training.baseline import run_baseline
-
-            print(f"no baseline run on data {str(want)[:12]}: training one with {cfg_source}", flush=True)
-            run = MlflowClient().get_run(run_baseline(cfg).run_id)
+            print(f"no baseline run on data {str(want)[:12]} with the model's threshold rule: training one with "
+                  f"{cfg_source}", flush=True)
+            run = MlflowClient().get_run(run_baseline(same_rule_config(cfg, inputs.meta)).run_id)
             trained = True
         elif runs:
             run = runs[0]
         else:
             why = "--quick" if quick else "the run's config does not prepare the model's data"
-            return None, {"note": f"no baseline run in experiment '{inputs.cfg.tracking.experiment}' and none "
-                                  f"trained ({why}): run `make baseline` with the model's config"}
+            return None, {"note": f"no baseline run with the model's threshold rule in experiment "
+                                  f"'{inputs.cfg.tracking.experiment}' and none trained ({why}): run `make "
+                                  "baseline` with the model's config"}
     out = logged_test_metrics(run, scopes)
     info = {"run_id": run.info.run_id, "run_name": run.info.run_name, "trained_by_bench": trained,
             "data_hash": run.data.tags.get("data_hash")}

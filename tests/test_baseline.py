@@ -107,3 +107,35 @@ def test_a_pipeline_saved_by_the_command_loads_in_another_process(tmp_path):
     assert pipe.named_steps["prepare"].func.__module__ == "training.baseline"
     p = pipe.predict_proba(["恭喜您中奖了！点击链接领取", "are we still on for lunch?"])[:, 1]
     assert p.shape == (2,) and info["thresholds"]["default"] == info["threshold"]
+
+
+def test_a_comparison_finds_the_baseline_with_the_models_threshold_rule(cfg, tmp_path):
+    """ood and bench compare a model with the baseline whose threshold was chosen by the model's rule, never
+    with the newest baseline on the data whatever its rule; ood trains one with that rule when none exists."""
+    from training.config import with_overrides
+    from training.ood import find_baseline
+
+    settings = B.BaselineSettings(ngram_min=1, ngram_max=2, max_features=5_000, max_chars=500)
+    at_5 = B.run_baseline(cfg, settings)
+    at_10 = B.run_baseline(with_overrides(cfg, ["eval.target_fpr=0.1"]), settings)  # newer, another rule
+    data_hash = MlflowClient().get_run(at_5.run_id).data.tags["data_hash"]
+
+    def meta(fpr):
+        return {"data_hash": data_hash, "threshold_rule": "max_recall_at_fpr", "target_fpr": fpr}
+
+    run, same = B.find_runs(cfg, meta(0.05))
+    assert run.info.run_id == at_5.run_id and [r.info.run_id for r in same] == [at_5.run_id]
+    assert B.find_runs(cfg, meta(0.1))[0].info.run_id == at_10.run_id
+    assert B.find_runs(cfg, {**meta(0.05), "data_hash": "0" * 64})[0] is None  # other data
+    assert B.find_runs(cfg, meta(0.02)) == (None, [])
+    # a threshold set by hand (no rule): the config's rule
+    assert B.find_runs(cfg, {**meta(0.02), "threshold_rule": "fixed"})[0].info.run_id == at_5.run_id
+
+    # a model at a rule no baseline has: ood trains one at that rule (the config's own is 0.05)
+    before = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("baseline-test").experiment_id]))
+    path = find_baseline(cfg, meta(0.02))
+    _, info = B.load_pipeline(path)
+    assert info["target_fpr"] == 0.02 and info["data_hash"] == data_hash
+    assert len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("baseline-test").experiment_id])) \
+        == before + 1
+    assert B.find_runs(cfg, meta(0.02))[0] is not None

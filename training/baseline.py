@@ -201,6 +201,47 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     return BaselineResult(run.info.run_id, threshold, choice, val_grouped, test_grouped, model_path, fit_seconds)
 
 
+def same_rule_config(cfg: Config, meta: dict) -> Config:
+    """`cfg` with the threshold rule of a model (its spamlingo.json `meta`), for a baseline to compare with it;
+    `cfg` as it is for a model whose threshold was set by hand (no rule to match)."""
+    from training import metrics as M
+    from training.config import with_overrides
+
+    rule, fpr = meta.get("threshold_rule"), meta.get("target_fpr")
+    if rule not in M.THRESHOLD_RULES or fpr is None or \
+            (rule, float(fpr)) == (cfg.eval.threshold_rule, cfg.eval.target_fpr):
+        return cfg
+    return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}"])
+
+
+def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
+    """(the newest finished baseline run on the data of the model described by `meta` whose threshold was chosen
+    by the model's rule, every finished baseline run newest first). The same rule (`eval.threshold_rule` at
+    `eval.target_fpr`) on both sides of a comparison: a baseline whose threshold flags 1% of validation ham
+    against a model's 0.5% says as much about the thresholds as about the models."""
+    from mlflow import MlflowClient
+
+    from training import tracking
+
+    exp_id = tracking.setup(cfg)
+    runs = MlflowClient().search_runs(
+        [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=200)
+    rule = same_rule_config(cfg, meta).eval
+
+    def same(r) -> bool:
+        p = r.data.params
+        try:
+            return p.get("eval.threshold_rule") == rule.threshold_rule and \
+                float(p.get("eval.target_fpr", "nan")) == rule.target_fpr
+        except ValueError:
+            return False
+
+    want = meta.get("data_hash")
+    return next((r for r in runs if want and r.data.tags.get("data_hash") == want and same(r)), None), \
+        [r for r in runs if same(r)]
+
+
 def _ngram(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in text.split(","))

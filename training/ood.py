@@ -116,32 +116,29 @@ def baseline_scorer(directory: Path) -> Scorer:
     return Scorer("baseline", proba, policy, f"TF-IDF baseline {directory}")
 
 
-def find_baseline(cfg: Config, data_hash: str | None, train_if_missing: bool = True) -> Path:
-    """The saved pipeline of the newest finished baseline run on `data_hash` (trained when none)."""
-    from mlflow import MlflowClient
-
+def find_baseline(cfg: Config, meta: dict, train_if_missing: bool = True) -> Path:
+    """The saved pipeline of the newest finished baseline run on the model's data whose threshold was chosen by
+    the model's rule (training.baseline.find_runs; trained, with that rule, when there is none)."""
     from training import tracking
+    from training.baseline import find_runs, run_baseline, same_rule_config
 
-    exp_id = tracking.setup(cfg)
-    runs = MlflowClient().search_runs(
-        [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=200)
-    run = next((r for r in runs if data_hash and r.data.tags.get("data_hash") == data_hash), None)
+    data_hash = meta.get("data_hash")
+    run, same_rule = find_runs(cfg, meta)
     if run is None:
         from training.data import ensure_prepared
 
         own = tracking.data_hash_of(ensure_prepared(cfg))
-        run = next((r for r in runs if r.data.tags.get("data_hash") == own), None)
+        run = next((r for r in same_rule if r.data.tags.get("data_hash") == own), None)
         if run is not None or not train_if_missing:
             print(f"note: no baseline run on the model's data {str(data_hash)[:12]}: using the baseline of the "
                   f"config's data {own[:12]}", file=sys.stderr)
     if run is None:
         if not train_if_missing:
-            raise OodError(f"no baseline run on data {str(data_hash)[:12]}: run `make baseline` first")
-        from training.baseline import run_baseline
-
-        print(f"no baseline run on data {str(data_hash)[:12]}: training one on the config's data", flush=True)
-        return run_baseline(cfg).model_path.parent
+            raise OodError(f"no baseline run on data {str(data_hash)[:12]} with the model's threshold rule: run "
+                           "`make baseline` first")
+        print(f"no baseline run on data {str(data_hash)[:12]} with the model's threshold rule: training one on "
+              "the config's data", flush=True)
+        return run_baseline(same_rule_config(cfg, meta)).model_path.parent
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="baseline",
@@ -426,7 +423,7 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
             raise OodError("no trained model to score: train one first (make train)")
         meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
         model = bundle_scorer(bundle_dir, threads) if bundle_dir else model_dir_scorer(model_dir, cfg.eval.batch_size)
-        baseline = baseline_scorer(find_baseline(cfg, meta.get("data_hash")))
+        baseline = baseline_scorer(find_baseline(cfg, meta))
         scorers = {"model": model, "baseline": baseline}
         out["model"], out["baseline"] = model.describe, baseline.describe
         for name in fixed:
