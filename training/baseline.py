@@ -216,7 +216,7 @@ def same_rule_config(cfg: Config, meta: dict) -> Config:
 
 def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     """(the newest finished baseline run on the data of the model described by `meta` whose threshold was chosen
-    by the model's rule, every finished baseline run newest first). The same rule (`eval.threshold_rule` at
+    by the model's rule, every finished baseline run with that rule, newest first). The same rule (`eval.threshold_rule` at
     `eval.target_fpr`) on both sides of a comparison: a baseline whose threshold flags 1% of validation ham
     against a model's 0.5% says as much about the thresholds as about the models."""
     from mlflow import MlflowClient
