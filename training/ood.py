@@ -16,8 +16,8 @@ Protocols (configured in the config's `ood:` section):
   rows; both score the held-out rows (all its splits, at most `ood.fold_max_test_rows`) or the fold's files.
 
 The model is scored through its bundle's int8 graph when it has one (what is served), else through the
-PyTorch model directory; the baseline is the newest TF-IDF run on the model's data (trained when there is
-none). Each at its own shipped thresholds (per language where the policy has them). Results: one dict per
+PyTorch model directory; the baseline is the newest TF-IDF run on the model's data whose threshold was chosen
+by the model's rule (trained with that rule when there is none). Each at its own shipped thresholds (per language where the policy has them). Results: one dict per
 protocol, `{"name", "scopes": [{"scope", "rows", "spam", "model": {...}, "baseline": {...}}]}` with `f1`,
 `roc_auc`, `recall`, `fpr` (null where undefined: no spam, or one class only) in each side.
 """
