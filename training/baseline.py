@@ -201,15 +201,23 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     return BaselineResult(run.info.run_id, threshold, choice, val_grouped, test_grouped, model_path, fit_seconds)
 
 
-def same_rule_config(cfg: Config, meta: dict) -> Config:
-    """`cfg` with the threshold rule of a model (its spamlingo.json `meta`), for a baseline to compare with it;
-    `cfg` as it is for a model whose threshold was set by hand (no rule to match)."""
+def _model_rule(cfg: Config, meta: dict) -> tuple[str, float]:
+    """(threshold rule, target FPR) of a model (its spamlingo.json `meta`); the config's for a model whose
+    threshold was set by hand (no rule to match)."""
     from training import metrics as M
-    from training.config import with_overrides
 
     rule, fpr = meta.get("threshold_rule"), meta.get("target_fpr")
-    if rule not in M.THRESHOLD_RULES or fpr is None or \
-            (rule, float(fpr)) == (cfg.eval.threshold_rule, cfg.eval.target_fpr):
+    if rule not in M.THRESHOLD_RULES or fpr is None:
+        return cfg.eval.threshold_rule, cfg.eval.target_fpr
+    return rule, float(fpr)
+
+
+def same_rule_config(cfg: Config, meta: dict) -> Config:
+    """`cfg` with the threshold rule of a model (`_model_rule`), for a baseline to compare with it."""
+    from training.config import with_overrides
+
+    rule, fpr = _model_rule(cfg, meta)
+    if (rule, fpr) == (cfg.eval.threshold_rule, cfg.eval.target_fpr):
         return cfg
     return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}"])
 
@@ -227,13 +235,12 @@ def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     runs = MlflowClient().search_runs(
         [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200)
-    rule = same_rule_config(cfg, meta).eval
+    rule, fpr = _model_rule(cfg, meta)
 
     def same(r) -> bool:
         p = r.data.params
         try:
-            return p.get("eval.threshold_rule") == rule.threshold_rule and \
-                float(p.get("eval.target_fpr", "nan")) == rule.target_fpr
+            return p.get("eval.threshold_rule") == rule and float(p.get("eval.target_fpr", "nan")) == fpr
         except ValueError:
             return False
 
