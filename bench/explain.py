@@ -26,6 +26,7 @@ import numpy as np
 from bench.inputs import Inputs, load_split, sample_rows
 from bench.timing import interleaved, percentiles
 from training.config import resolve_path
+from training.metrics import fmt
 
 TITLE = "Explanations: deletion test and cost"
 NEEDS = ("model", "bundle", "data")
@@ -164,10 +165,6 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
             "deletion_by_method": deletion_by_method, "cost": cost, "notes": notes}
 
 
-def _f(v, fmt="{:.4f}") -> str:
-    return "n/a" if v is None else fmt.format(v)
-
-
 def render(result: dict) -> str:
     s, c = result["settings"], result["cost"]
     method = result.get("method", "occlusion")
@@ -182,9 +179,9 @@ def render(result: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, deletion in by_method.items():
         for lang, d in deletion.items():
-            lines.append(f"| {name} | {lang} | {d['source']} | {d['texts']} | {_f(d['mean_p_spam'], '{:.3f}')} | "
-                         f"{_f(d['mean_spans'], '{:.1f}')} | {_f(d['drop_top3'])} | {_f(d['drop_random3'])} | "
-                         f"{_f(d['ratio'], '{:.2f}')} | {_f(d['top_beats_random_share'], '{:.0%}')} |")
+            lines.append(f"| {name} | {lang} | {d['source']} | {d['texts']} | {fmt(d['mean_p_spam'], '.3f')} | "
+                         f"{fmt(d['mean_spans'], '.1f')} | {fmt(d['drop_top3'])} | {fmt(d['drop_random3'])} | "
+                         f"{fmt(d['ratio'], '.2f')} | {fmt(d['top_beats_random_share'], '.0%')} |")
     req = c.get("request")
     lines += ["", f"Cost at batch 1 on {c['texts']} SMS-length test texts ({c['mean_chars']:.0f} characters, "
                   f"{c['mean_tokens']:.0f} tokens on average), normalisation and tokenisation included: classify "

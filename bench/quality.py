@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import math
 
 from bench.inputs import Inputs, load_split, run_config
-from training.metrics import metric_name
+from training.metrics import fmt, metric_name
 
 TITLE = "Quality on the test split: PyTorch model vs int8 bundle vs TF-IDF baseline"
 NEEDS = ("model", "bundle", "data")
@@ -135,10 +134,6 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
 _NAMES = {"pytorch": "PyTorch", "onnx_int8": "int8 bundle", "onnx_fp32": "fp32 bundle", "baseline": "TF-IDF baseline"}
 
 
-def _f(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-
 def render(result: dict) -> str:
     models = result["models"]
     names = list(models)
@@ -150,7 +145,7 @@ def render(result: dict) -> str:
              "|---|---:|---:|" + "---:|" * (2 * len(names))]
     for scope in result.get("scopes", list(onnx)):
         m = onnx[scope]
-        cells = [_f(models[n]["metrics"].get(scope, {}).get(k)) for n in names for k in METRICS]
+        cells = [fmt(models[n]["metrics"].get(scope, {}).get(k)) for n in names for k in METRICS]
         label = scope.replace("source=", "source ").replace("lang=", "lang ")
         lines.append(f"| {label} | {m.get('support', '')} | {m.get('positives', '')} | " + " | ".join(cells) + " |")
     lines.append("")

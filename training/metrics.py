@@ -360,12 +360,15 @@ _TABLE_COLUMNS = (
 )
 
 
-def _fmt(value) -> str:
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
+def fmt(value, spec: str = ".4f", missing: str = "n/a") -> str:
+    """A number for a report table (format spec `spec`): `missing` where it is None or NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.4f}"
+        return missing
+    return format(value, spec)
+
+
+def _fmt(value) -> str:
+    return str(int(value)) if isinstance(value, (int, np.integer)) else fmt(value)
 
 
 def metrics_table(grouped: Mapping[str, Mapping]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from serving.inference import spam_probability
+from training.metrics import fmt
 
 # A language with fewer validation rows than this is reported but not gated on int8 F1: one flipped row
 # among 10 spam messages moves F1 by ~0.05, far beyond any sensible drop limit, and says nothing.
@@ -75,10 +76,6 @@ def int8_parity(labels, langs, p_fp32, p_int8, threshold, min_agreement: float, 
             "passed": not reasons, "reason": "; ".join(reasons)}
 
 
-def _f(x, spec=".4f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def parity_table(manifest: dict) -> str:
     """The terminal summary: graph, fp32 parity, int8 attempts, per-language int8 figures, file sizes."""
     p, g, q = manifest["parity"], manifest.get("graph", {}), manifest["int8"]
@@ -91,25 +88,25 @@ def parity_table(manifest: dict) -> str:
         "",
         "| check | value | limit | result |",
         "|---|---:|---:|---|",
-        f"| fp32 vs PyTorch max abs logit diff | {_f(f['max_abs_logit_diff'], '.2e')} | {f['limit']:.0e} | "
+        f"| fp32 vs PyTorch max abs logit diff | {fmt(f['max_abs_logit_diff'], '.2e')} | {f['limit']:.0e} | "
         f"{'pass' if f['passed'] else 'FAIL'} |",
         f"| fp32 vs PyTorch label mismatches | {f['label_mismatches']} | 0 | {'pass' if f['label_mismatches'] == 0 else 'FAIL'} |",
     ]
     for variant, t in (p.get("token_scores") or {}).items():
         if t:
-            lines.append(f"| {variant} sum(token_scores) + bias vs logit diff | {_f(t['max_abs_sum_error'], '.2e')} | "
+            lines.append(f"| {variant} sum(token_scores) + bias vs logit diff | {fmt(t['max_abs_sum_error'], '.2e')} | "
                          f"{t['limit']:.0e} | {'pass' if t['passed'] else 'FAIL'} |")
     for a in q.get("attempts", []):
-        val = _f(a.get("label_agreement")) + " agree, F1 drop " + _f(a.get("f1_drop")) if "error" not in a else "error"
+        val = fmt(a.get("label_agreement")) + " agree, F1 drop " + fmt(a.get("f1_drop")) if "error" not in a else "error"
         lines.append(f"| int8 {a['name']} | {val} | — | {'pass' if a.get('passed') else 'fail'} |")
     gate = p.get("int8") or {}
     if gate.get("scopes"):
         lines += ["", "| int8 scope | rows | labels changed | agreement | F1 fp32 | F1 int8 | drop | gated |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for scope, s in gate["scopes"].items():
-            lines.append(f"| {scope} | {s['rows']} | {s.get('changed', '—')} | {_f(s['agreement'])} | "
-                         f"{_f(s['f1_fp32'])} | {_f(s['f1_int8'])} | "
-                         f"{_f(s['f1_drop'])} | {'yes' if s['gated'] else 'no (<' + str(MIN_LANG_ROWS) + ' rows)'} |")
+            lines.append(f"| {scope} | {s['rows']} | {s.get('changed', '—')} | {fmt(s['agreement'])} | "
+                         f"{fmt(s['f1_fp32'])} | {fmt(s['f1_int8'])} | "
+                         f"{fmt(s['f1_drop'])} | {'yes' if s['gated'] else 'no (<' + str(MIN_LANG_ROWS) + ' rows)'} |")
     speed = manifest.get("metrics", {}).get("speed_at_export", {})
     if speed:
         lines += ["", "speed at export (ms per text, parity batches): " + ", ".join(

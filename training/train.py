@@ -455,7 +455,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     from serving import thresholds as TH
     from training import tracking
     from training.evaluate import evaluate_model_dir, predict_proba, threshold_lines
-    from training.metrics import ThresholdWarning, config_threshold_policy
+    from training.metrics import ThresholdWarning, config_threshold_policy, fmt
 
     out_dir = resolve_path(cfg.train.output_dir)
     model = trainer.model  # the best checkpoint (load_best_model_at_end), interpolated if train.wise_alpha < 1
@@ -470,16 +470,13 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     choice = policy["global"]
     threshold = policy["default"]
 
-    def _f(x):
-        return "n/a" if x is None else f"{x:.4f}"
-
     print(f"threshold {threshold:.6g} ({e.threshold_rule}, target FPR {e.target_fpr:g}): validation "
-          f"precision {_f(choice['val_precision'])}, recall {_f(choice['val_recall'])}, FPR {_f(choice['val_fpr'])}"
+          f"precision {fmt(choice['val_precision'])}, recall {fmt(choice['val_recall'])}, FPR {fmt(choice['val_fpr'])}"
           + (f"; {choice['note']}" if choice["note"] else ""), flush=True)
     for lang, info_l in policy["languages"].items():
         print(f"  lang {lang}: threshold {info_l['threshold']:.6g} ({info_l['scope']}; {info_l['ham']} ham, "
-              f"{info_l['spam']} spam in validation; precision {_f(info_l['val_precision'])}, recall "
-              f"{_f(info_l['val_recall'])}, FPR {_f(info_l['val_fpr'])}): {info_l['reason']}", flush=True)
+              f"{info_l['spam']} spam in validation; precision {fmt(info_l['val_precision'])}, recall "
+              f"{fmt(info_l['val_recall'])}, FPR {fmt(info_l['val_fpr'])}): {info_l['reason']}", flush=True)
     groups = {"source": list(val["source"]), "lang": list(val["lang"])}
     val_thresholds = TH.thresholds_for(policy, groups["lang"])[0]
     # validation: metrics and metrics_val.md; the plots are drawn for the test split
