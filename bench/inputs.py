@@ -103,6 +103,16 @@ def _bundle_candidates(root: Path) -> list[tuple[str, float, Path, dict]]:
     return sorted(out, key=lambda c: (c[0], c[1]), reverse=True)
 
 
+def served_bundle(bundle: str | None, inputs: "Inputs") -> Path | None:
+    """--bundle DIR, else the newest bundle exported from the run, else None (score the PyTorch model)."""
+    try:
+        return resolve_bundle(bundle, inputs.cfg, inputs.model_dir, inputs.meta)[0]
+    except BenchError:
+        if bundle:
+            raise
+        return None
+
+
 def resolve_bundle(bundle: str | None, cfg: Config, model_dir: Path | None, meta: dict) -> tuple[Path, str]:
     """--bundle DIR, else the newest bundle under export.output_dir exported from this run (by run id,
     else by model directory). Returns (bundle dir, note)."""

@@ -8,7 +8,7 @@ one (int8, what is served), else through the PyTorch model directory.
 
 from __future__ import annotations
 
-from bench.inputs import BenchError, Inputs, resolve_bundle
+from bench.inputs import BenchError, Inputs, served_bundle
 
 TITLE = "Out-of-distribution quality: the model vs the TF-IDF baseline on traffic neither trained on"
 NEEDS = ("model",)
@@ -27,12 +27,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, protocols:
         cfg.ood.evasion_spam_rows, cfg.ood.evasion_ham_rows = 40, 80
         if not protocols:
             names = [p for p in names if p != "loco"]  # --quick trains nothing
-    try:  # --bundle, else the newest bundle exported from the run, else the PyTorch model directory
-        bundle_dir, _ = resolve_bundle(bundle, inputs.cfg, inputs.model_dir, inputs.meta)
-    except BenchError:
-        if bundle:
-            raise
-        bundle_dir = None
+    bundle_dir = served_bundle(bundle, inputs)
     try:
         result = ood.run(cfg, inputs.model_dir, bundle_dir, names, threads,
                          folds=[f for f in folds.split(",") if f])

@@ -146,7 +146,7 @@ def test_missing_inputs_name_the_make_command(tmp_path, tiny_model_dir):
 
 def test_only_accepts_figures_and_groups():
     # a plain make bench: every figure but ood, whose folds train models (make ood runs it)
-    assert bench_run.select("") == [f for f in bench_run.FIGURES if f != "ood"]
+    assert bench_run.select("") == [f for f in bench_run.FIGURES if f not in ("ood", "ensemble")]
     assert bench_run.select("ood") == ["ood"]
     assert bench_run.select("speed,size") == ["speed_engines", "speed_server", "speed_training", "size"]
     with pytest.raises(bench_run.BenchError, match="unknown figure 'fast'"):
@@ -244,3 +244,66 @@ def test_a_partial_ood_rerun_keeps_the_other_protocols_of_the_same_run():
     assert merged["command"] == "python -m bench.run --only ood --threads 2"
     other = {"inputs": {"run_id": "r2"}, "command": "x", "protocols": [{"name": "evasion", "scopes": []}]}
     assert [p["name"] for p in merge(old, other)["protocols"]] == ["evasion"]  # another run: nothing kept
+
+
+def test_ensemble_combines_the_two_logits():
+    import numpy as np
+
+    from bench.ensemble import combine
+
+    pm, pb = np.array([0.9, 0.2, 0.6]), np.array([0.1, 0.2, 0.99])
+    assert np.allclose(combine(pm, pb, 1.0), pm) and np.allclose(combine(pm, pb, 0.0), pb)
+    assert np.allclose(combine(pm, pb, 0.5)[:2], [0.5, 0.2])  # logits 2.197 and -2.197 cancel
+    assert combine(pm, pb, 0.5)[2] > 0.9  # one confident side carries a mean of logits
+
+
+def test_ensemble_figure_sweeps_weights_on_each_set_and_fold(tmp_path, tiny_model_dir, tiny_bundle, tiny_data_dir):
+    """bench.run --only ensemble on the tiny model and bundle: a sweep per weight on the test split and the
+    out-of-distribution files, a fold whose models are on disk scored, the others listed as skipped."""
+    import shutil
+
+    import numpy as np
+    from datasets import load_from_disk
+
+    from serving.thresholds import from_threshold
+    from training import ood
+    from training.baseline import BaselineSettings, build_pipeline, save_pipeline
+
+    rows = {"ham": ["明天的会议改到下午三点", "내일 몇 시에 만날까요?", "明日は何時に集合しますか", "Are we still meeting?"],
+            "eval": [("恭喜您中奖了，点击链接领取", "spam"), ("今晚一起吃饭吗", "ham")] * 6
+            + [("무료 쿠폰 지급! 지금 클릭", "spam"), ("내일 회의는 3시입니다", "ham")] * 6,
+            "hard": ["您的验证码是1234，请勿告诉他人", "Your order has shipped."]}
+    files = {}
+    for key, items in rows.items():
+        files[key] = tmp_path / f"{key}.jsonl"
+        files[key].write_text("".join(json.dumps({"text": t, "label": "ham"} if isinstance(t, str) else
+                                                 {"text": t[0], "label": t[1]}, ensure_ascii=False) + "\n"
+                                      for t in items), encoding="utf-8")
+    cfg = tmp_path / "ens.yaml"
+    cfg.write_text(f"inherit: {ROOT / 'configs' / 'smoke.yaml'}\ndata:\n  output_dir: {tmp_path / 'data'}\n"
+                   f"train:\n  output_dir: {tmp_path / 'run'}\nood:\n  unseen_ham: [{files['ham']}]\n"
+                   f"  eval_sets: [{files['eval']}]\n  hard_negatives: [{files['hard']}]\n", encoding="utf-8")
+    fold = tmp_path / "run-ood" / "zh_sms"  # as make ood leaves a fold: model/ and baseline/
+    shutil.copytree(tiny_model_dir, fold / "model")
+    train = load_from_disk(str(tiny_data_dir / "dataset"))["train"]
+    pipe = build_pipeline(BaselineSettings(min_df=1)).fit(list(train["text"]), np.asarray(train["label"]))
+    save_pipeline(pipe, fold / "baseline", {"threshold": 0.5, "thresholds": from_threshold(0.5), "mask_digits": True})
+    proc = _bench("--config", str(cfg), "--run", str(tiny_model_dir), "--bundle", str(tiny_bundle), "--only",
+                  "ensemble", "--threads", "1", "--results", str(tmp_path / "results"), "--markdown",
+                  str(tmp_path / "BENCH.md"), env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results" / "ensemble.json").read_text(encoding="utf-8"))["result"]
+    assert [e["weight"] for e in res["sweep"]] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert res["rows"]["unseen_ham"] == 4 and res["rows"]["eval_sets"] == 24 and res["rows"]["hard_negatives"] == 2
+    alone = res["sweep"][0]
+    assert set(alone["test"]) >= {"f1", "roc_auc", "fpr"} and set(alone["unseen_ham"]) >= {"zh", "ja", "ko", "en"}
+    assert set(alone["eval_sets"]) >= {"zh", "ko", "overall_fpr"}
+    # w = 1 is the model alone: its hard-negative FPR is the bundle's own at that threshold
+    scorer = ood.bundle_scorer(tiny_bundle, 1)
+    p = scorer.proba(rows["hard"])
+    assert alone["hard_negatives"]["overall"] == float((p >= alone["threshold"]).mean())
+    (scored,) = res["folds"]
+    assert scored["fold"] == "zh_sms" and len(scored["sweep"]) == 5 and "fold:zh_sms" in scored["sweep"][0]
+    assert set(res["skipped_folds"]) == {"email", "spamassassin", "cjk_seed", "seeded"}
+    md = (tmp_path / "BENCH.md").read_text(encoding="utf-8")
+    assert "Ensemble study" in md and "| zh_sms |" in md and "Fold email skipped" in md

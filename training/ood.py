@@ -338,6 +338,16 @@ def _fold_rows(cfg: Config, fold, splits) -> list[dict]:
     return rows
 
 
+def fold_output_dir(cfg: Config, name: str) -> str:
+    """Where fold `name` trains (its model/ and baseline/ stay there): <train.output_dir>-ood/<name>."""
+    return f"{Path(cfg.train.output_dir).as_posix()}-ood/{name}"
+
+
+def model_scorer(cfg: Config, model_dir: Path, bundle_dir: Path | None, threads: int) -> Scorer:
+    """The bundle's graph when there is a bundle (what is served), else the PyTorch model directory."""
+    return bundle_scorer(bundle_dir, threads) if bundle_dir else model_dir_scorer(model_dir, cfg.eval.batch_size)
+
+
 def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = ()) -> dict:
     """Train the recipe and the baseline per fold (on the same rows) and score the held-out rows."""
     from training.baseline import run_baseline
@@ -369,7 +379,7 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
         fold_cfg = with_overrides(cfg, [
             *base_overrides, *cfg.ood.fold_overrides,
             f"train.exclude_sources={','.join(fold.exclude)}",
-            f"train.output_dir={Path(cfg.train.output_dir).as_posix()}-ood/{name}",
+            f"train.output_dir={fold_output_dir(cfg, name)}",
             f"tracking.experiment={cfg.tracking.experiment}-ood", f"tracking.run_name=ood-{name}",
             "tracking.register_as=", "train.resume=false",
         ])
@@ -422,7 +432,7 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
         if model_dir is None:
             raise OodError("no trained model to score: train one first (make train)")
         meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
-        model = bundle_scorer(bundle_dir, threads) if bundle_dir else model_dir_scorer(model_dir, cfg.eval.batch_size)
+        model = model_scorer(cfg, model_dir, bundle_dir, threads)
         baseline = baseline_scorer(find_baseline(cfg, meta))
         scorers = {"model": model, "baseline": baseline}
         out["model"], out["baseline"] = model.describe, baseline.describe
@@ -475,7 +485,9 @@ def log_to_mlflow(cfg: Config, run_id: str | None, result: dict) -> None:
 
 
 def _f(v, spec: str = ".3f") -> str:
-    return "—" if v is None else format(v, spec)
+    from training.metrics import fmt
+
+    return fmt(v, spec, "—")
 
 
 def render_protocol(proto: dict) -> str:
