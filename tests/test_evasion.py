@@ -37,7 +37,7 @@ def test_each_perturbation_does_what_it_says():
     assert glyphs != "free access" and glyphs.isascii() is False
 
 
-@pytest.mark.parametrize("name", ["fullwidth", "zero_width", "homoglyph"])
+@pytest.mark.parametrize("name", ["fullwidth", "zero_width", "homoglyph", "zh_traditional"])
 def test_the_normaliser_undoes_the_cosmetic_ones(name):
     for seed in range(5):
         for text in SPAM:

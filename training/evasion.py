@@ -6,9 +6,9 @@ way. A perturbation that finds nothing to change in a message returns it unchang
 leaves that message out of the perturbation's scope (it would only dilute the recall drop).
 
 Some of these the shared normaliser undoes by design (full-width forms through NFKC, zero-width characters,
-Cyrillic/Greek look-alikes inside Latin words, letter-by-letter spacing: serving/text.py): training and
-serving gain from that together. The others (leetspeak, emoji noise, traditional characters, split URLs)
-the model has to read through.
+Cyrillic/Greek look-alikes inside Latin words, letter-by-letter spacing, traditional Chinese characters:
+serving/text.py): training and serving gain from that together. The others (leetspeak, emoji noise, split
+URLs) the model has to read through.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 import re
 from typing import Callable
+
+from serving.text import KANA_HANGUL
 
 # Latin letter -> look-alikes from other scripts (Cyrillic, Greek), after Unicode's confusables list.
 HOMOGLYPHS = {
@@ -86,9 +88,10 @@ _S2T = None
 
 
 def zh_traditional(text: str, rng: random.Random) -> str:
-    """Simplified Chinese written in traditional characters (OpenCC's s2t tables)."""
+    """Simplified Chinese written in traditional characters (OpenCC's s2t tables). Chinese text only: text
+    with kana or Hangul is Japanese or Korean, whose characters no spammer rewrites this way."""
     global _S2T
-    if not _CJK.search(text):
+    if not _CJK.search(text) or KANA_HANGUL.search(text):
         return text
     if _S2T is None:
         from opencc import OpenCC
