@@ -43,7 +43,7 @@ def _strip_controls(text: str) -> str:
 
 # Bumped whenever normalize() or language_tag() changes what it returns: prepared data from an older
 # version is prepared again (training.data.PIPELINE_VERSION includes it).
-NORMALIZER_VERSION = 5
+NORMALIZER_VERSION = 4
 
 # Cyrillic and Greek letters that look like Latin ones (after Unicode's confusables list). Spammers put
 # them inside English words ("Frее" with Cyrillic е) to dodge word filters; a word that mixes them with
@@ -74,42 +74,18 @@ def _fold_confusables(text: str) -> str:
                      if _ASCII_LETTER.search(m.group()) else m.group(), text)
 
 
-# Traditional Chinese folded to simplified, one character for one (OpenCC's table: serving/zh_variants.py),
-# in text with no kana and no Hangul only: Japanese writes many of the same characters (東, 電, 話) and
-# must keep them. Spam rewritten in traditional characters then reads as the simplified spam the corpora
-# hold, and Taiwanese and Hong Kong text as the simplified text the model saw most of.
-_T2S: dict[int, str] | None = None
-KANA_HANGUL = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9d\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
-
-
-def to_simplified(text: str) -> str:
-    """Every traditional character of `text` as its simplified form, whatever the language."""
-    global _T2S
-    if _T2S is None:
-        from serving.zh_variants import PAIRS
-
-        flat = "".join(PAIRS)
-        _T2S = {ord(a): b for a, b in zip(flat[0::2], flat[1::2])}
-    return text.translate(_T2S)
-
-
-def _fold_traditional(text: str) -> str:
-    return text if text.isascii() or KANA_HANGUL.search(text) else to_simplified(text)
-
-
 def normalize(text: str, mask_digits: bool = False) -> str:
     """NFKC (full-width -> half-width), HTML entities decoded, zero-width/control characters removed,
-    Cyrillic/Greek look-alikes inside Latin words folded to Latin, traditional Chinese characters folded to
-    simplified (in text without kana or Hangul), letter-by-letter spacing ("F R E E") joined, whitespace
-    collapsed, optionally every ASCII digit masked as 'x'. Other CJK characters are left intact (NFKC maps
-    only compatibility forms such as half-width katakana to their standard form)."""
+    Cyrillic/Greek look-alikes inside Latin words folded to Latin, letter-by-letter spacing ("F R E E")
+    joined, whitespace collapsed, optionally every ASCII digit masked as 'x'. CJK characters are left intact
+    (NFKC maps only compatibility forms such as half-width katakana to their standard form)."""
     text = unicodedata.normalize("NFKC", text)
     if "&" in text:
         text = html.unescape(text)
     text = text.translate(_INVISIBLE)
     text = _strip_controls(text)
     text = _WS.sub(" ", text).strip()
-    text = _fold_traditional(_fold_confusables(text))
+    text = _fold_confusables(text)
     if mask_digits:
         text = _DIGIT.sub("x", text)
     # after masking: masked digits are letters too, so a second pass finds nothing new (idempotent)
@@ -191,7 +167,7 @@ def normalize_with_offsets(text: str, mask_digits: bool = False) -> tuple[str, l
     lead = len(s) - len(s.lstrip())
     keep = len(s.strip())
     s, spans = s[lead:lead + keep], spans[lead:lead + keep]
-    s = _fold_traditional(_fold_confusables(s))  # one character for one: spans unchanged
+    s = _fold_confusables(s)  # one character for one: spans unchanged
     if mask_digits:
         s = _DIGIT.sub("x", s)
     out, pos = [], 0  # spaced letters joined: the spaces inside a match dropped

@@ -6,9 +6,10 @@ way. A perturbation that finds nothing to change in a message returns it unchang
 leaves that message out of the perturbation's scope (it would only dilute the recall drop).
 
 Some of these the shared normaliser undoes by design (full-width forms through NFKC, zero-width characters,
-Cyrillic/Greek look-alikes inside Latin words, letter-by-letter spacing, traditional Chinese characters:
-serving/text.py): training and serving gain from that together. The others (leetspeak, emoji noise, split
-URLs) the model has to read through.
+Cyrillic/Greek look-alikes inside Latin words, letter-by-letter spacing: serving/text.py): training and
+serving gain from that together. The others (leetspeak, emoji noise, traditional characters, split URLs)
+the model has to read through (folding traditional characters in the normaliser was measured and lost:
+README "What was tried").
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import random
 import re
 from typing import Callable
-
-from serving.text import KANA_HANGUL
 
 # Latin letter -> look-alikes from other scripts (Cyrillic, Greek), after Unicode's confusables list.
 HOMOGLYPHS = {
@@ -32,6 +31,7 @@ _URL = re.compile(r"(?:https?://|www\.)\S+|\b[a-z0-9-]+\.(?:com|cn|net|org|top|x
                   re.IGNORECASE)
 _LATIN_WORD = re.compile(r"[A-Za-z]{3,}")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+_KANA_HANGUL = re.compile(r"[\u3040-\u30ff\uac00-\ud7af]")
 
 
 def homoglyph(text: str, rng: random.Random, share: float = 0.3) -> str:
@@ -91,7 +91,7 @@ def zh_traditional(text: str, rng: random.Random) -> str:
     """Simplified Chinese written in traditional characters (OpenCC's s2t tables). Chinese text only: text
     with kana or Hangul is Japanese or Korean, whose characters no spammer rewrites this way."""
     global _S2T
-    if not _CJK.search(text) or KANA_HANGUL.search(text):
+    if not _CJK.search(text) or _KANA_HANGUL.search(text):
         return text
     if _S2T is None:
         from opencc import OpenCC
