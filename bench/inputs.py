@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.config import Config, resolve_path
+from training.config import Config, repo_relative, resolve_path
 
 MODEL_META = "spamlingo.json"
 
@@ -56,14 +56,7 @@ class Inputs:
         return out
 
 
-def rel(p: Path | str) -> str:
-    from training.config import ROOT
-
-    p = Path(p)
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
+rel = repo_relative  # a path as reports show it
 
 
 # ------------------------------------------------------------------------------------------ run + bundle

@@ -440,6 +440,16 @@ def resolve_path(p: str | Path) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
+def repo_relative(p: str | Path) -> str:
+    """`p` relative to the repository root when it lies inside it, else as given: paths in reports and
+    results files read the same on every checkout."""
+    p = Path(p)
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
 class _Parser(argparse.ArgumentParser):
     """Flags and key=value overrides in any order: `--config c a=1 --run x b=2`."""
 

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from training.config import Config, resolve_path, with_overrides
+from training.config import Config, repo_relative, resolve_path, with_overrides
 
 PROTOCOLS = ("unseen_ham", "eval_sets", "evasion", "loco")
 SIDES = ("model", "baseline")
@@ -99,7 +99,7 @@ def model_dir_scorer(model_dir: Path, batch_size: int = 64) -> Scorer:
 
     policy = dict(from_manifest(meta))
     policy["mask_digits"] = mask
-    return Scorer("model", proba, policy, f"model dir {model_dir} (PyTorch)")
+    return Scorer("model", proba, policy, f"model dir {repo_relative(model_dir)} (PyTorch)")
 
 
 def baseline_scorer(directory: Path) -> Scorer:
@@ -113,7 +113,7 @@ def baseline_scorer(directory: Path) -> Scorer:
 
     policy = dict(from_manifest(info))
     policy["mask_digits"] = bool(info.get("mask_digits", True))
-    return Scorer("baseline", proba, policy, f"TF-IDF baseline {directory}")
+    return Scorer("baseline", proba, policy, f"TF-IDF baseline {repo_relative(directory)}")
 
 
 def find_baseline(cfg: Config, meta: dict, train_if_missing: bool = True) -> Path:
