@@ -5,6 +5,10 @@
 - its bundle's int8 graph, measured now through serving.inference.Classifier (the serving path);
 - the TF-IDF baseline: the newest finished baseline run on the same data (logged test metrics), trained
   first by training.baseline when there is none (not with --quick).
+And how far the bundle's scores move with their batch-mates: a seeded sample of test rows scored one at a
+time against the same rows in the batches of 64 above (max and 99th-percentile |Δp|, labels that change at
+the shipped thresholds). The int8 graph quantises some activations with one scale per batch tensor, so a
+message's score depends a little on what it is batched with (the server batches concurrent requests).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ TITLE = "Quality on the test split: PyTorch model vs int8 bundle vs TF-IDF basel
 NEEDS = ("model", "bundle", "data")
 METRICS = ("f1", "roc_auc")
 KEEP = ("f1", "roc_auc", "precision", "recall", "support", "positives")
+BATCH_SAMPLE = 400  # rows scored alone for the batch-invariance figure (40 with --quick)
 
 
 def _slim(grouped: dict) -> dict:
@@ -119,6 +124,8 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     onnx = _slim(M.grouped_metrics(labels, p, thresholds_for(clf.policy, groups["lang"])[0], groups))
     scopes = list(onnx)  # overall, source=..., lang=...
 
+    alone = _batch_invariance(clf, list(test["text"]), p, thresholds_for(clf.policy, groups["lang"])[0],
+                              BATCH_SAMPLE // 10 if quick else BATCH_SAMPLE, seed)
     torch_metrics, how = _pytorch(inputs, scopes, len(labels), threads)
     models = {"pytorch": {"threshold": inputs.meta.get("threshold"), "metrics": torch_metrics, "source": how},
               f"onnx_{variant}": {"threshold": clf.threshold, "metrics": onnx,
@@ -128,7 +135,23 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
         models["baseline"] = {"threshold": None, "metrics": base, "source": f"logged by baseline run {info['run_id']}"}
     if info.get("note"):
         notes["baseline"] = info["note"]
-    return {"rows": int(len(labels)), "scopes": scopes, "models": models, "baseline_run": info, "notes": notes}
+    return {"rows": int(len(labels)), "scopes": scopes, "models": models, "baseline_run": info, "notes": notes,
+            "batch_invariance": {"variant": variant, **alone}}
+
+
+def _batch_invariance(clf, texts: list[str], p_batched, thresholds, n: int, seed: int) -> dict:
+    """Rows of `texts` scored one at a time against their batched scores `p_batched`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(texts), size=min(n, len(texts)), replace=False))
+    alone = np.array([clf.predict_proba([texts[i]])[0] for i in idx])
+    diff = np.abs(alone - np.asarray(p_batched)[idx])
+    thr = np.asarray(thresholds)[idx]
+    flips = int(((alone >= thr) != (np.asarray(p_batched)[idx] >= thr)).sum())
+    return {"rows": int(len(idx)), "batch_size": 64, "max_abs_diff": float(diff.max()),
+            "p99_abs_diff": float(np.quantile(diff, 0.99)), "median_abs_diff": float(np.median(diff)),
+            "label_changes": flips}
 
 
 _NAMES = {"pytorch": "PyTorch", "onnx_int8": "int8 bundle", "onnx_fp32": "fp32 bundle", "baseline": "TF-IDF baseline"}
@@ -157,4 +180,10 @@ def render(result: dict) -> str:
         lines.append(f"- The baseline run {b['run_id']} was trained by this benchmark (none existed on this data).")
     for k, v in result.get("notes", {}).items():
         lines.append(f"- {k}: {v}")
+    bi = result.get("batch_invariance")
+    if bi:
+        lines.append(f"- Batch-mates ({bi['variant']} bundle): {bi['rows']} test rows scored alone against the same rows "
+                     f"in batches of {bi['batch_size']}: |Δp| max {bi['max_abs_diff']:.2g}, 99th percentile "
+                     f"{bi['p99_abs_diff']:.2g}, median {bi['median_abs_diff']:.2g}; {bi['label_changes']} label(s) "
+                     "changed at the shipped thresholds.")
     return "\n".join(lines)

@@ -62,8 +62,9 @@ class Batcher:
     are reassembled in order. Texts of a request whose client went away are skipped.
 
     fp32 results do not depend on batching. With the int8 graph (ONNX Runtime dynamic quantisation scales
-    activations per batch tensor) a text's probability moves slightly with its batch-mates: < 4e-4 measured
-    on the tiny test model.
+    the attention inputs per batch tensor, padding included) a text's probability moves with its batch-mates:
+    mostly by < 1e-6, but by up to about 0.1 for a few texts, which can change a label near the threshold
+    (`make bench`'s quality figure measures it: README "Serving").
 
     `swap(model)` replaces the model between two batches (hot reload): a batch already running finishes on
     the old model, a request split over several batches finishes on the model it started on, and every

@@ -117,7 +117,8 @@ class Classifier:
     batch_size: texts per graph call in `classify`/`predict_proba`; texts are sorted by token length first
     so that each sub-batch pads little, and results are put back in input order (deterministic: the same
     texts give the same sub-batches and the same numbers). fp32 scores do not depend on the batch; int8
-    ones move slightly with their batch-mates (dynamic quantisation scales activations per batch tensor).
+    ones move with their batch-mates (dynamic quantisation scales the attention inputs per batch tensor:
+    bench/quality.py measures by how much).
     """
 
     def __init__(self, bundle: Bundle, variant: str = "auto", threads: int = 0, batch_size: int = 32,

@@ -106,6 +106,27 @@ def test_quality_pytorch_vs_bundle(quick_results, tiny_model_dir):
     assert "baseline" not in r["models"] and "make baseline" in r["notes"]["baseline"]
 
 
+def test_quality_says_how_far_scores_move_with_their_batch_mates(quick_results, tiny_model_dir, tiny_bundle):
+    import numpy as np
+    from datasets import load_from_disk
+
+    from serving.bundle import load_bundle
+    from serving.inference import Classifier
+
+    out, _ = quick_results
+    bi = _load(out, "quality")["result"]["batch_invariance"]
+    meta = json.loads((tiny_model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    texts = list(load_from_disk(str(Path(meta["data_dir"]) / "dataset"))["test"]["text"])
+    assert bi["rows"] == min(40, len(texts)) and bi["batch_size"] == 64  # --quick: 40 rows
+    assert 0 <= bi["median_abs_diff"] <= bi["p99_abs_diff"] <= bi["max_abs_diff"] and 0 <= bi["label_changes"] <= bi["rows"]
+    # the same rows (seed 0) scored here, alone and in the figure's batches of 64, give the same largest move
+    clf = Classifier(load_bundle(tiny_bundle), variant=bi["variant"], threads=1, batch_size=64)
+    idx = np.sort(np.random.default_rng(0).choice(len(texts), size=bi["rows"], replace=False))
+    batched = clf.predict_proba(texts)[idx]
+    alone = np.array([clf.predict_proba([texts[i]])[0] for i in idx])
+    assert np.isclose(np.abs(alone - batched).max(), bi["max_abs_diff"], rtol=1e-6, atol=1e-9)
+
+
 def test_markdown_generated_from_the_results(quick_results):
     out, _ = quick_results
     md = (out / "BENCH.md").read_text(encoding="utf-8")
