@@ -112,7 +112,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, bundle: st
         fold_scorers = {"model": ood.model_dir_scorer(model_dir, cfg.eval.batch_size),
                         "baseline": ood.baseline_scorer(baseline_dir)}
         fold_val = exclude_sources(splits, list(fold.exclude))["validation"]
-        rows = ood._fold_rows(cfg, fold, splits)
+        rows = ood.fold_rows(cfg, fold, splits)
         fv = _scored(fold_scorers, list(fold_val["text"]), fold_val["label"])
         ft = _scored(fold_scorers, [r["text"] for r in rows], [r["label"] for r in rows])
         result["folds"].append({"fold": name, "rows": len(rows),

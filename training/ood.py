@@ -320,7 +320,8 @@ def evasion(cfg: Config, scorers: dict[str, Scorer], test) -> dict:
             "files": list(o.hard_negatives), "scopes": scopes}
 
 
-def _fold_rows(cfg: Config, fold, splits) -> list[dict]:
+def fold_rows(cfg: Config, fold, splits) -> list[dict]:
+    """The rows fold `fold` is scored on (text, label, source, lang), from the config's prepared `splits`."""
     from training.data import cap_rows
 
     # the held-out sources' own rows, unless the fold names files instead (then only those, or both)
@@ -389,7 +390,7 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
         base = run_baseline(fold_cfg, capped=True, out_dir=resolve_path(fold_cfg.train.output_dir) / "baseline")
         scorers = {"model": model_dir_scorer(model_dir, cfg.eval.batch_size),
                    "baseline": baseline_scorer(base.model_path.parent)}
-        rows = _fold_rows(cfg, fold, splits)
+        rows = fold_rows(cfg, fold, splits)
         y = np.array([r["label"] for r in rows])
         scored, langs = _score_both(scorers, [r["text"] for r in rows])
         fold_scopes = [scope_entry(f"{name}", y, scored)]
