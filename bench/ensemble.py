@@ -76,7 +76,7 @@ def _sweep(cfg, val: dict, sets: dict[str, dict]) -> list[dict]:
 def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, bundle: str | None = None) -> dict:
     from training import ood
     from training.config import resolve_path
-    from training.data import load_splits
+    from training.data import ensure_prepared, load_splits
     from training.evaluate import _split_rows
     from training.train import exclude_sources
 
@@ -108,7 +108,9 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, bundle: st
         if not (model_dir / "spamlingo.json").is_file() or not (baseline_dir / "baseline.json").is_file():
             result["skipped_folds"][name] = f"no fold model in {base} (make ood trains it)"
             continue
-        splits = splits or load_splits(cfg)
+        if splits is None:
+            ensure_prepared(cfg)
+            splits = load_splits(cfg)
         fold_scorers = {"model": ood.model_dir_scorer(model_dir, cfg.eval.batch_size),
                         "baseline": ood.baseline_scorer(baseline_dir)}
         fold_val = exclude_sources(splits, list(fold.exclude))["validation"]
