@@ -162,7 +162,7 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
     assert not (res.bundle_dir / "model.int8.onnx").exists()
     assert m["int8"]["status"] == "failed" and "label agreement" in m["int8"]["reason"]
     names = [a["name"] for a in m["int8"]["attempts"]]
-    assert names == ["plain", "per_channel", "per_channel_reduce_range", "int8_blocks_ffn_out",
+    assert names == ["int8_blocks_unfused", "plain", "per_channel", "per_channel_reduce_range", "int8_blocks_ffn_out",
                      "int8_blocks_matmuls", "fp32_ffn_out_lower_half", "fp32_ffn_out",
                      "exclude_sensitive", "weight_only"]
     assert not [a for a in m["int8"]["attempts"] if "error" in a]  # every recipe built and ran
@@ -287,6 +287,27 @@ def test_block_recipes_quantise_the_layer_matmuls_in_blocks(tiny_bundle, tmp_pat
         assert dst.stat().st_size < 0.5 * src.stat().st_size
         z8 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
         assert np.abs(z32 - z8).max() < 0.2
+
+
+def test_the_shipped_int8_graph_scores_a_text_the_same_whatever_its_batch_mates(tiny_bundle):
+    """The export's first recipe (int8_blocks_unfused: attention left unfused, every weight MatMul in 8-bit
+    blocks, nothing quantised per tensor) ships, and a text scores the same alone, beside short texts and
+    beside long ones."""
+    import onnx
+
+    from serving.bundle import load_bundle
+    from serving.inference import Classifier
+
+    manifest = json.loads((tiny_bundle / "bundle.json").read_text(encoding="utf-8"))
+    assert manifest["int8"]["recipe"]["name"] == "int8_blocks_unfused"
+    ops = [n.op_type for n in onnx.load(str(tiny_bundle / "model.int8.onnx")).graph.node]
+    assert "Attention" not in ops and "DynamicQuantizeLinear" not in ops and ops.count("MatMulNBits") >= 8
+    clf = Classifier(load_bundle(tiny_bundle), variant="int8", threads=1)
+    text = "WIN a FREE prize now, call 0800 to claim"
+    mates = ["ok", "see you at 5", "免费领取大奖 " * 12, "Meeting moved to Tuesday, agenda attached. " * 6]
+    alone = clf.predict_proba([text])[0]
+    for batch in ([text] + mates[:2], [text] + mates[2:], mates + [text]):
+        assert abs(clf.predict_proba(batch)[batch.index(text)] - alone) < 1e-5
 
 
 def test_block_recipes_keep_a_mean_pooled_head_fp32_and_its_token_scores_exact(tiny_mean_bundle, tmp_path):

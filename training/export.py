@@ -307,18 +307,24 @@ def export_graph(model, path: Path, example, opset: int, exporter: str) -> dict:
     return {"exporter": exporter, "opset": actual, "seconds": round(seconds, 2), "torch": torch.__version__}
 
 
-def optimize_graph(src: Path, dst: Path, model_config) -> dict:
+def optimize_graph(src: Path, dst: Path, model_config, attention: bool = True) -> dict:
     """ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, Gelu...). Graph-level only
-    (opt_level 0): hardware-specific rewrites are left to the session at load time."""
+    (opt_level 0): hardware-specific rewrites are left to the session at load time. `attention=False` leaves
+    the attention projections as plain MatMuls (the int8 graph quantises them in blocks: training/quantize.py;
+    ONNX Runtime's MultiHeadAttention fusion, which would keep them outside a fused node, does not match this
+    graph)."""
     model_type = getattr(model_config, "model_type", "")
     if model_type not in _FUSABLE:
         return {"applied": False, "reason": f"no ONNX Runtime fusions for model type '{model_type}'"}
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_attention = attention
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(sys.stderr):
         opt = optimize_model(str(src), model_type="bert", num_heads=model_config.num_attention_heads,
-                             hidden_size=model_config.hidden_size, opt_level=0)
+                             hidden_size=model_config.hidden_size, opt_level=0, optimization_options=options)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     if not fused:
         return {"applied": False, "reason": "no fusion pattern matched"}
@@ -366,6 +372,11 @@ class _Work:
     @property
     def fp32(self) -> Path:
         return self.tmp / FP32_FILE
+
+    @property
+    def unfused(self) -> Path:
+        """The fp32 graph fused but for attention (written by _fuse; absent when nothing was fused)."""
+        return self.tmp / ".unfused.onnx"
 
     def classifier(self, variant: str = "fp32") -> Classifier:
         """serving.inference.Classifier of the bundle's current graph."""
@@ -430,6 +441,10 @@ def _fuse(work: _Work, model_config, gate: dict, limit: float) -> tuple[dict, di
     fused.rename(work.fp32)
     fused_gate = work.fp32_gate(limit)
     if fused_gate["passed"]:
+        try:  # the source of the int8 recipe whose attention projections are 8-bit blocks too
+            optimize_graph(plain, work.unfused, model_config, attention=False)
+        except Exception:
+            work.unfused.unlink(missing_ok=True)
         plain.unlink()
         return opt, fused_gate
     work.fp32.unlink()
@@ -447,14 +462,15 @@ def _int8(work: _Work, labels, langs, p32, num_layers: int, cfg_export, show: bo
 
     record: dict[str, Any] = {"status": "failed", "recipe": None, "reason": "", "attempts": []}
     qpath = work.tmp / INT8_FILE
-    recipes = int8_recipes(work.fp32, num_layers)
+    unfused = work.unfused if work.unfused.is_file() else None
+    recipes = int8_recipes(work.fp32, num_layers, unfused)
     if work.base.get("token_scores") is not None:
         recipes = TS.keep_head_fp32(recipes, work.fp32)
     for recipe in tqdm(recipes, desc="int8 recipes", unit="recipe",
                        disable=not show, leave=False):
         shown = {k: (len(v) if isinstance(v, list) else v) for k, v in recipe.items()}  # node lists: counted
         try:
-            quantize(work.fp32, qpath, recipe)
+            quantize(unfused if recipe.get("source") == "unfused" else work.fp32, qpath, recipe)
             logits8, seconds = work.onnx_logits("int8")
         except Exception as e:  # a recipe ONNX Runtime cannot build or run is a failed recipe
             record["attempts"].append({**shown, "error": _first_line(e)})

@@ -55,15 +55,45 @@ def sensitive_nodes(path: Path, num_layers: int) -> dict:
     return {"last_layer_and_head": tail, "embeddings": emb, "ffn_out": ffn_out, "layer_matmuls": matmuls}
 
 
-def int8_recipes(fp32_path: Path, num_layers: int) -> list[dict]:
-    """The remedies, smallest first; the first that passes both gates ships. On the default e5-small run (8
-    layers, 56,663 pieces) int8_blocks_ffn_out is 37.2 MB and fp32_ffn_out 50.7 MB: keeping one layer's
-    feed-forward output projection in fp32 costs ~1.8 MB."""
+def blocks_everywhere(path: Path) -> dict | None:
+    """The recipe whose graph does not depend on batch-mates: every MatMul with a weight as 8-bit blocks
+    (activations quantised per block of a row), nothing quantised per tensor (the head, Gemm or MatMul, stays
+    fp32). Only on a graph without fused Attention nodes, whose input quantisation takes one scale per batch
+    tensor; None otherwise. Measured on the default model (validation, against fp32): 99.87% label agreement
+    where int8_blocks_matmuls on the fused graph gives 99.77%, 38.7 MB, 1.2-1.35x slower in batches of 32 (make bench), and a
+    probability that moves by 1e-6 with its batch-mates instead of up to 0.08."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(n.op_type == "Attention" for n in graph.node):  # MultiHeadAttention has no weights: it stays fp32
+        return None
+    weights = {t.name for t in graph.initializer}
+    weighted = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+    # the quantizer rewrites a Gemm as "<name>_MatMul" + "<name>_Add" before it reads nodes_to_exclude
+    every = [name for n in graph.node if n.op_type in ("MatMul", "Gemm")
+             for name in ([n.name, n.name + "_MatMul"] if n.op_type == "Gemm" else [n.name])]
+    if not weighted:
+        return None
+    return {"name": "int8_blocks_unfused", "method": "dynamic", "per_channel": True, "reduce_range": False,
+            "nodes_to_exclude": every, "weight_only_nodes": weighted, "bits": 8, "block_size": 32,
+            "symmetric": False, "accuracy_level": 4, "source": "unfused"}
+
+
+def int8_recipes(fp32_path: Path, num_layers: int, unfused_path: Path | None = None) -> list[dict]:
+    """The remedies; the first that passes both gates ships. First the one that does not depend on
+    batch-mates (`blocks_everywhere`, on `unfused_path`: the fp32 graph with attention left unfused), then
+    the others smallest first. On the default e5-small run (8 layers, 56,663 pieces) int8_blocks_ffn_out is
+    37.2 MB and fp32_ffn_out 50.7 MB: keeping one layer's feed-forward output projection in fp32 costs ~1.8 MB."""
     nodes = sensitive_nodes(fp32_path, num_layers)
+    first = blocks_everywhere(unfused_path) if unfused_path else None
+    if first is None:  # nothing was fused: the fp32 graph itself is the source
+        own = blocks_everywhere(fp32_path)
+        first = {**own, "source": "fp32"} if own else None
     ffn = nodes["ffn_out"]
     lower = [n for layer in sorted(ffn)[: (len(ffn) + 1) // 2] for n in ffn[layer]]
     every = [n for layer in sorted(ffn) for n in ffn[layer]]
-    recipes = [
+    recipes = [first] if first else []
+    recipes += [
         {"name": "plain", "method": "dynamic", "per_channel": False, "reduce_range": False},
         {"name": "per_channel", "method": "dynamic", "per_channel": True, "reduce_range": False},
         {"name": "per_channel_reduce_range", "method": "dynamic", "per_channel": True, "reduce_range": True},
