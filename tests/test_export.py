@@ -162,8 +162,8 @@ def test_int8_failure_ships_fp32_only(tiny_model_dir, tmp_path):
     assert not (res.bundle_dir / "model.int8.onnx").exists()
     assert m["int8"]["status"] == "failed" and "label agreement" in m["int8"]["reason"]
     names = [a["name"] for a in m["int8"]["attempts"]]
-    assert names == ["int8_blocks_unfused", "plain", "per_channel", "per_channel_reduce_range", "int8_blocks_ffn_out",
-                     "int8_blocks_matmuls", "fp32_ffn_out_lower_half", "fp32_ffn_out",
+    assert names == ["int8_blocks_unfused", "plain", "per_channel", "per_channel_reduce_range",
+                     "int8_blocks_ffn_out", "int8_blocks_matmuls", "fp32_ffn_out_lower_half", "fp32_ffn_out",
                      "exclude_sensitive", "weight_only"]
     assert not [a for a in m["int8"]["attempts"] if "error" in a]  # every recipe built and ran
     assert m["parity"]["rows"] == 20 and "20 of 48" in m["parity"]["data"]
