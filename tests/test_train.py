@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from training.config import ROOT, ConfigError, load_config
-from training.train import Collator, EncodedDataset, cap_training_rows, main
+from training.train import Collator, EncodedDataset, cap_training_rows, epoch_row_sets, main
 from training.trainer import (
     BalancedSampler,
+    EpochSubsetSampler,
     LengthGroupedSampler,
     class_weights,
     last_complete_checkpoint,
@@ -109,6 +110,42 @@ def test_cap_training_rows_per_source_and_overall_keeps_label_mix():
     assert len(cap_training_rows(ds, 0, 0, seed=1)) == 200
     with pytest.raises(ConfigError):
         cap_training_rows(ds, -1, 0, seed=1)
+    # a source's own cap: "a" whole (0), "b" at 10; the other sources keep exactly the rows they had
+    own = cap_training_rows(ds, 40, 0, seed=1, rows_per_source={"a": 0})
+    assert [own["source"].count(s) for s in ("a", "b")] == [100, 40]
+    assert [t for t in own["text"] if t.startswith("b")] == [t for t in capped["text"] if t.startswith("b")]
+    own = cap_training_rows(ds, 0, 0, seed=1, rows_per_source={"b": 10, "absent": 5})
+    assert [own["source"].count(s) for s in ("a", "b")] == [100, 10]
+    with pytest.raises(ConfigError):
+        cap_training_rows(ds, 40, 0, seed=1, rows_per_source={"a": -1})
+
+
+def test_fresh_rows_per_epoch_reads_unseen_rows_first_with_the_first_epoch_as_capped():
+    from datasets import Dataset
+
+    rows = [{"source": s, "label": int(i % 4 == 0), "text": f"{s}{i}"} for s, n in (("a", 100), ("b", 30))
+            for i in range(n)]
+    ds = Dataset.from_list(rows)
+    union, subsets = epoch_row_sets(ds, 40, seed=1, epochs=3)
+    texts = union["text"]
+    epochs = [[texts[i] for i in sub] for sub in subsets]
+    assert len({len(e) for e in epochs}) == 1 and len(epochs[0]) == 40 + 30  # "b" (30 rows) is under the cap
+    # the first epoch reads exactly the rows the plain cap keeps
+    assert sorted(epochs[0]) == sorted(cap_training_rows(ds, 40, 0, seed=1)["text"])
+    a = [{t for t in e if t.startswith("a")} for e in epochs]
+    assert not a[0] & a[1] and len(a[0] | a[1]) == 80  # the second epoch: 40 rows the first did not read
+    assert a[2] >= set(texts) - a[0] - a[1] - {t for t in texts if t.startswith("b")}  # the last 20 unseen, then
+    assert len(a[2]) == 40 and all(sum(t in e for t in [f"b{i}" for i in range(30)]) == 30 for e in epochs)
+    for e in a:  # each epoch keeps the label mix (every 4th row is spam)
+        assert sum(int(t[1:]) % 4 == 0 for t in e) == 10
+    assert epoch_row_sets(ds, 40, seed=1, epochs=3)[1] == subsets  # seeded
+    assert len(union) == 130  # every "a" row read at least once, every "b" row
+
+    sampler = EpochSubsetSampler(subsets, [len(t) for t in texts], batch_size=8, seed=3)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == subsets[epoch] and len(sampler) == 70
 
 
 def test_samplers_are_seeded_per_epoch_and_do_their_job():
@@ -265,6 +302,20 @@ def test_train_end_to_end_logs_a_finished_run_with_a_loadable_model(prepared, tm
     assert [v.run_id for v in client.search_model_versions("name='spam-test'")] == [rid]
 
 
+def test_fresh_rows_per_epoch_trains_the_same_steps_on_more_distinct_rows(prepared, tmp_path, store, capsys):
+    from training.data import load_splits
+
+    assert main(["--config", SMOKE, *overrides(prepared, tmp_path, "train.epochs=2", "train.max_rows_per_source=30",
+                                               "train.fresh_rows_per_epoch=true", "train.evaluate_test=false")]) == 0
+    assert "train rows 120 per epoch" in capsys.readouterr().out  # 4 sources x 30
+    _, found = runs(store)
+    m = found[0].data.metrics
+    cfg = load_config(SMOKE, SHRINK + [f"data.output_dir={prepared}"])
+    available = len(load_splits(cfg)["train"])
+    assert m["data/train_rows"] == 120 and 120 < m["data/train_rows_distinct"] <= min(240, available)
+    assert m["train/steps"] == 2 * 8  # ceil(120 / 16) an epoch: the steps of the capped rows, not of all
+
+
 def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, store, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", SMOKE, *overrides(prepared, tmp_path, "model.backbone=./no/such/model/dir")])
@@ -285,6 +336,8 @@ def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, sto
     (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
     (["train.layer_lr_decay=0"], "train.layer_lr_decay must be in (0, 1]"),
     (["train.wise_alpha=1.5"], "train.wise_alpha must be in [0, 1]"),
+    (["train.rows_per_source.zh_smss=0"], "train.rows_per_source: no enabled corpus zh_smss in data.corpora"),
+    (["train.fresh_rows_per_epoch=true", "train.max_train_rows=50"], "cannot be combined with train.max_train_rows"),
 ])
 def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -123,7 +123,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     the transformer's), score test; log one MLflow run of kind `baseline` and return its results.
 
     `train.exclude_sources` always applies (a leave-one-corpus-out fold); `capped` also applies the
-    transformer's training-row caps (`train.max_rows_per_source`, `train.max_train_rows`), so that a fold
+    transformer's training-row caps (`train.max_rows_per_source`, `rows_per_source`, `max_train_rows`), so that a fold
     compares the two models on the same rows. By default the baseline reads every training row."""
     import mlflow
 
@@ -138,12 +138,17 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
                           f"got {cfg.eval.threshold_rule!r}")
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
-    from training.train import cap_training_rows, exclude_sources
+    from training.train import cap_training_rows, epoch_row_sets, exclude_sources, planned_epochs
 
     splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
     train, val, test = splits["train"], splits["validation"], splits["test"]
     if capped:
-        train = cap_training_rows(train, cfg.train.max_rows_per_source, cfg.train.max_train_rows, cfg.train.seed)
+        t = cfg.train
+        if t.fresh_rows_per_epoch:  # every row the transformer's epochs read
+            train = epoch_row_sets(train, t.max_rows_per_source, t.seed, planned_epochs(cfg, train, 1),
+                                   t.rows_per_source)[0]
+        else:
+            train = cap_training_rows(train, t.max_rows_per_source, t.max_train_rows, t.seed, t.rows_per_source)
     out = Path(out_dir) if out_dir else resolve_path(cfg.train.output_dir) / "baseline"
     _step(f"data {data_dir}: {len(train)} train / {len(val)} validation / {len(test)} test rows", t0)
 

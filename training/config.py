@@ -141,6 +141,10 @@ class TrainConfig:
     max_train_rows: int = 0  # 0 = every training row of the mix
     max_rows_per_source: int = 0  # cap training rows per source, stratified by label (0 = no cap); the
     # validation and test splits are never capped, so runs on one prepared dataset stay comparable
+    rows_per_source: dict[str, int] = field(default_factory=dict)  # a source's own cap instead (0 = no cap)
+    # a capped source gives each epoch rows the earlier epochs did not read (while it has any), so the same
+    # steps read more distinct rows; epoch 0 reads the rows the caps keep (training/train.epoch_row_sets)
+    fresh_rows_per_epoch: bool = False
     max_eval_rows: int = 0  # 0 = every validation row
     logging_steps: int = 20
     # LP-FT: fit the head as a logistic regression on the frozen mean-pooled features first, then fine-tune

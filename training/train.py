@@ -3,7 +3,7 @@
     python -m training.train --config configs/default.yaml [key=value ...]        # make train
     torchrun --nproc_per_node 2 -m training.train --config ...                    # data parallel (DDP)
 
-Steps: prepare the data if needed -> cap the training rows (train.max_rows_per_source / max_train_rows)
+Steps: prepare the data if needed -> cap the training rows (train.max_rows_per_source, rows_per_source, max_train_rows)
 -> build the backbone (vocabulary trimmed to the training texts) -> tokenise through serving.text.Encoder
 (the same truncation as export and serving) -> Hugging Face Trainer with dynamic padding, length-grouped
 batches, class balancing, best checkpoint by validation PR-AUC and early stopping -> on rank 0: thresholds
@@ -28,6 +28,7 @@ from pathlib import Path
 from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
 from training.trainer import (
     BalancedSampler,
+    EpochSubsetSampler,
     LengthGroupedSampler,
     class_weights,
     compute_metrics,
@@ -71,22 +72,74 @@ def _capped_indices(labels: list[int], n: int, seed: int, scope: str) -> list[in
     return [r["i"] for r in cap_records(records, n, random.Random(f"{seed}:{scope}"))]
 
 
-def cap_training_rows(ds, max_rows_per_source: int, max_train_rows: int, seed: int):
+def cap_training_rows(ds, max_rows_per_source: int, max_train_rows: int, seed: int,
+                      rows_per_source: dict[str, int] | None = None):
     """Cap the training split per source, then overall, stratified by label and seeded. Validation and
-    test are never capped here, so runs on one prepared dataset are scored on the same rows."""
-    if max_rows_per_source < 0 or max_train_rows < 0:
-        raise ConfigError("train.max_rows_per_source and train.max_train_rows must be >= 0 (0 = no cap)")
-    if max_rows_per_source:
-        sources, labels = ds["source"], ds["label"]
+    test are never capped here, so runs on one prepared dataset are scored on the same rows.
+    `rows_per_source` gives some sources a cap of their own instead of `max_rows_per_source` (0 = every
+    row of that source): short SMS cost a fraction of an e-mail's training time."""
+    rows_per_source = rows_per_source or {}
+    if max_rows_per_source < 0 or max_train_rows < 0 or any(v < 0 for v in rows_per_source.values()):
+        raise ConfigError("train.max_rows_per_source, train.rows_per_source and train.max_train_rows must be "
+                          ">= 0 (0 = no cap)")
+    sources, labels = ds["source"], ds["label"]
+    if max_rows_per_source or rows_per_source:
         keep: list[int] = []
         for src in sorted(set(sources)):
             rows = [i for i, s in enumerate(sources) if s == src]
-            picked = _capped_indices([labels[i] for i in rows], max_rows_per_source, seed, f"train:{src}")
+            cap = rows_per_source.get(src, max_rows_per_source)
+            picked = (_capped_indices([labels[i] for i in rows], cap, seed, f"train:{src}") if cap
+                      else range(len(rows)))
             keep.extend(rows[j] for j in picked)
         ds = ds.select(sorted(keep))
     if max_train_rows:
         ds = ds.select(_capped_indices(ds["label"], max_train_rows, seed, "train"))
     return ds
+
+
+def epoch_row_sets(ds, max_rows_per_source: int, seed: int, epochs: int,
+                   rows_per_source: dict[str, int] | None = None) -> tuple[object, list[list[int]]]:
+    """`train.fresh_rows_per_epoch`: a capped source gives each epoch rows the earlier epochs have not seen
+    while it has any (then it starts over), stratified by label; epoch 0 takes exactly the rows
+    `cap_training_rows` keeps. Returns the rows of every epoch together and, per epoch, their positions
+    in it (the same count in every epoch). The same compute reads up to `epochs` times the distinct rows."""
+    rows_per_source = rows_per_source or {}
+    sources, labels = ds["source"], ds["label"]
+    per_epoch: list[list[int]] = [[] for _ in range(max(1, epochs))]
+    for src in sorted(set(sources)):
+        rows = [i for i, s in enumerate(sources) if s == src]
+        cap = rows_per_source.get(src, max_rows_per_source)
+        if not cap or cap >= len(rows):
+            for picked in per_epoch:
+                picked.extend(rows)
+            continue
+        unseen = list(rows)
+        for epoch, picked in enumerate(per_epoch):
+            scope = f"train:{src}" if epoch == 0 else f"train:{src}:epoch{epoch}"
+            if len(unseen) >= cap:
+                take = [unseen[j] for j in _capped_indices([labels[i] for i in unseen], cap, seed, scope)]
+            else:  # the source runs out: its last unseen rows, the rest drawn again from every row
+                seen = sorted(set(rows) - set(unseen))
+                take = unseen + [seen[j] for j in _capped_indices([labels[i] for i in seen], cap - len(unseen),
+                                                                   seed, scope)]
+            picked.extend(take)
+            taken = set(take)
+            unseen = [i for i in unseen if i not in taken] or list(rows)
+    union = sorted(set(i for picked in per_epoch for i in picked))
+    position = {i: k for k, i in enumerate(union)}
+    return ds.select(union), [sorted(position[i] for i in picked) for picked in per_epoch]
+
+
+def planned_epochs(cfg: Config, train_split, world_size: int) -> int:
+    """How many epochs (whole or begun) the run will start: train.epochs, or what train.max_steps takes."""
+    t = cfg.train
+    if t.max_steps <= 0:
+        return max(1, math.ceil(t.epochs))
+    from collections import Counter
+
+    counts = Counter(train_split["source"])
+    rows = sum(min(n, t.rows_per_source.get(s, t.max_rows_per_source) or n) for s, n in counts.items())
+    return max(1, math.ceil(t.max_steps / steps_per_epoch(rows, t.batch_size, t.grad_accum, world_size)))
 
 
 def exclude_sources(splits, sources: list[str]):
@@ -212,6 +265,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.layer_lr_decay must be in (0, 1] (1 = one learning rate), got {t.layer_lr_decay}")
     if not 0 <= t.wise_alpha <= 1:
         raise ConfigError(f"train.wise_alpha must be in [0, 1] (1 = the model as trained), got {t.wise_alpha}")
+    if t.fresh_rows_per_epoch and (t.max_train_rows or t.class_balance == "sampler"):
+        raise ConfigError("train.fresh_rows_per_epoch picks each epoch's rows per source: it cannot be combined "
+                          "with train.max_train_rows or train.class_balance=sampler")
+    corpora = sorted(name for name, c in cfg.data.corpora.items() if c.enabled)
+    unknown = sorted(set(t.rows_per_source) - set(corpora))
+    if unknown:  # a typo would otherwise train on every row of the source meant
+        raise ConfigError(f"train.rows_per_source: no enabled corpus {', '.join(unknown)} in data.corpora "
+                          f"({', '.join(corpora)})")
     from training.evaluate import check_eval_config
     from training.metrics import THRESHOLD_RULES
 
@@ -265,16 +326,19 @@ def train(cfg: Config, config_path: str | Path | None = None) -> TrainResult:
 
 
 def build_trainer(cfg: Config, model, encoder, train_set: EncodedDataset, val_set: EncodedDataset,
-                  ckpt_dir: Path, precision: str, world_size: int, log_to_mlflow: bool):
+                  ckpt_dir: Path, precision: str, world_size: int, log_to_mlflow: bool,
+                  epoch_subsets: list[list[int]] | None = None):
     """The Hugging Face Trainer for this config: evaluation and checkpoints every `train.eval_every`
-    steps (0 = once per epoch, and always at the last step), best checkpoint by validation PR-AUC."""
+    steps (0 = once per epoch, and always at the last step), best checkpoint by validation PR-AUC.
+    `epoch_subsets`: the rows of `train_set` each epoch reads (train.fresh_rows_per_epoch)."""
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     t = cfg.train
     on_gpu = torch.cuda.is_available()
-    per_epoch = steps_per_epoch(len(train_set), t.batch_size, t.grad_accum, world_size)
+    epoch_rows = len(epoch_subsets[0]) if epoch_subsets else len(train_set)
+    per_epoch = steps_per_epoch(epoch_rows, t.batch_size, t.grad_accum, world_size)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
     every = t.eval_every or min(per_epoch, total)
     args = TrainingArguments(
@@ -310,7 +374,10 @@ def build_trainer(cfg: Config, model, encoder, train_set: EncodedDataset, val_se
         remove_unused_columns=False,  # our collator builds the model inputs
         disable_tqdm=True,
     )
-    if t.class_balance == "sampler":
+    if epoch_subsets:
+        sampler = EpochSubsetSampler(epoch_subsets, train_set.lengths if t.group_by_length else None,
+                                     t.batch_size * t.grad_accum, t.seed)
+    elif t.class_balance == "sampler":
         if t.group_by_length:
             print("train.class_balance=sampler: batches are drawn by class weight, not grouped by length")
         sampler = BalancedSampler(train_set.labels, t.seed)
@@ -362,7 +429,13 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
     with state.main_process_first():  # rank 0 prepares; the others then find it prepared
         data_dir = ensure_prepared(cfg)
     splits = exclude_sources(load_splits(cfg), t.exclude_sources)
-    train_rows = cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows, t.seed)
+    epoch_subsets = None
+    if t.fresh_rows_per_epoch:
+        train_rows, epoch_subsets = epoch_row_sets(splits["train"], t.max_rows_per_source, t.seed,
+                                                   planned_epochs(cfg, splits["train"], world), t.rows_per_source)
+    else:
+        train_rows = cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows, t.seed,
+                                       t.rows_per_source)
     val_rows = splits["validation"]
     val_during = cap_eval_rows(val_rows, t.max_eval_rows, t.seed)
     if len(train_rows) == 0 or len(val_during) == 0:
@@ -382,7 +455,9 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
     if t.linear_probe and resume_from is None:  # a resumed run's head comes from its checkpoint
         from training.modeling import linear_probe
 
-        probe = linear_probe(model, encoder, train_set.input_ids, train_set.labels, C=t.linear_probe_C,
+        first = epoch_subsets[0] if epoch_subsets else range(len(train_set))  # the rows of the first epoch
+        probe = linear_probe(model, encoder, [train_set.input_ids[i] for i in first],
+                             [train_set.labels[i] for i in first], C=t.linear_probe_C,
                              class_weight="balanced" if t.class_balance != "none" else None,
                              batch_size=cfg.eval.batch_size, seed=t.seed)
         if main:
@@ -399,17 +474,22 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
         tracking.tag_data(data_dir)
         mlflow.set_tags({"device": device, "precision": precision, "world_size": str(world),
                          "backbone": cfg.model.backbone})
-        mlflow.log_metrics({"data/train_rows": len(train_set), "data/val_rows_during_training": len(val_set),
+        per_epoch_rows = len(epoch_subsets[0]) if epoch_subsets else len(train_set)
+        mlflow.log_metrics({"data/train_rows": per_epoch_rows, "data/train_rows_distinct": len(train_set),
+                            "data/val_rows_during_training": len(val_set),
                             "data/val_rows": len(val_rows), "model/parameters": info["parameters"],
                             "model/trainable_parameters": info["trainable_parameters"]})
         mlflow.log_dict(info, "backbone.json")
         spam = sum(train_set.labels)
-        print(f"train rows {len(train_set)} ({spam} spam), validation rows {len(val_set)} during training "
+        fresh = (f" per epoch, {len(train_set)} distinct over {len(epoch_subsets)} epochs (fresh_rows_per_epoch)"
+                 if epoch_subsets else "")
+        print(f"train rows {per_epoch_rows}{fresh} ({spam} spam), validation rows {len(val_set)} during training "
               f"/ {len(val_rows)} for the threshold; backbone {cfg.model.backbone}: "
               f"{info['trainable_parameters']:,} of {info['parameters']:,} parameters trained", flush=True)
 
     trainer = build_trainer(cfg, model, encoder, train_set, val_set,
-                            resolve_path(t.output_dir) / CHECKPOINTS, precision, world, log_to_mlflow=main)
+                            resolve_path(t.output_dir) / CHECKPOINTS, precision, world, log_to_mlflow=main,
+                            epoch_subsets=epoch_subsets)
     resumed_step = _checkpoint_step(resume_from) if resume_from is not None else None
     if main and resume_from is not None:
         print(f"resuming from {resume_from} (step {resumed_step})", flush=True)

@@ -54,6 +54,31 @@ class LengthGroupedSampler(_EpochSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=self._generator()))
 
 
+class EpochSubsetSampler(_EpochSampler):
+    """Epoch e reads only the rows `subsets[e]` (train.fresh_rows_per_epoch: training/train.epoch_row_sets),
+    length-grouped like LengthGroupedSampler when `lengths` is given, else shuffled."""
+
+    def __init__(self, subsets: list[list[int]], lengths: list[int] | None, batch_size: int, seed: int):
+        if len({len(s) for s in subsets}) != 1:
+            raise ValueError("every epoch's subset must hold the same number of rows")
+        super().__init__(len(subsets[0]), seed)
+        self.subsets = subsets
+        self.lengths = lengths
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        rows = self.subsets[self.epoch % len(self.subsets)]
+        if self.lengths is None:
+            order = torch.randperm(len(rows), generator=self._generator()).tolist()
+        else:
+            order = get_length_grouped_indices([self.lengths[i] for i in rows], self.batch_size,
+                                               generator=self._generator())
+        return iter(rows[j] for j in order)
+
+
 class BalancedSampler(_EpochSampler):
     """Draws rows with replacement, each class with equal total probability (train.class_balance=sampler)."""
 
