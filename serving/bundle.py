@@ -82,12 +82,20 @@ class Bundle:
     # graph outputs: [output] or [output, "token_scores"] (a mean-pooled model's per-token decomposition of
     # the logit, training/token_scores.py); a bundle exported before lists none: [output]
     outputs: list[str] = field(default_factory=list)
+    # a variant's own policy, chosen at export by the model's rule on that graph's validation scores
+    # ({"int8": {...}}); a variant without one (fp32, whose scores are the model's) is served with `thresholds`
+    thresholds_by_model: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.thresholds:
             self.thresholds = TH.from_threshold(self.threshold)
         if not self.outputs:
             self.outputs = [self.output]
+
+    def policy_for(self, variant: str) -> dict:
+        """The threshold policy the `variant` graph is served with: its own when bundle.json has one, else the
+        bundle's (the model's, chosen on the PyTorch model's validation scores)."""
+        return self.thresholds_by_model.get(variant) or self.thresholds
 
     @property
     def has_token_scores(self) -> bool:
@@ -197,12 +205,21 @@ def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
         policy = TH.from_manifest(manifest)
     except (TypeError, ValueError) as e:
         raise BundleError(f"{mpath}: invalid thresholds: {e}") from None
+    by_model = manifest.get("thresholds_by_model") or {}
+    if not isinstance(by_model, dict) or set(by_model) - set(VARIANTS):
+        raise BundleError(f"{mpath}: 'thresholds_by_model' must map model variants ({', '.join(VARIANTS)}) "
+                          f"to threshold policies, got {by_model!r:.80}")
+    try:
+        by_model = {v: TH.validate(p) for v, p in by_model.items()}
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: invalid thresholds_by_model: {e}") from None
     return Bundle(
         path=directory,
         manifest=manifest,
         labels=labels,
         threshold=policy["default"],
         thresholds=policy,
+        thresholds_by_model=by_model,
         text=text,
         inputs=list(_require(manifest, "inputs", directory)),
         output=str(manifest.get("output", "logits")),

@@ -110,9 +110,10 @@ class Classifier:
     """Spam classifier over a loaded bundle.
 
     variant: "int8" | "fp32" | "auto" (int8 when the bundle has one, else fp32).
-    Labels follow the bundle's threshold policy (`bundle.thresholds`, serving/thresholds.py): a text is
-    spam iff its probability >= the threshold of its language tag, or the global one (`self.threshold`)
-    when its language has none of its own.
+    Labels follow the served graph's threshold policy (`bundle.policy_for(variant)`, serving/thresholds.py:
+    the int8 graph's own when the export chose one on its validation scores): a text is spam iff its
+    probability >= the threshold of its language tag, or the global one (`self.threshold`) when its
+    language has none of its own.
     threads: ONNX Runtime intra-op threads (0 = its default).
     batch_size: texts per graph call in `classify`/`predict_proba`; texts are sorted by token length first
     so that each sub-batch pads little, and results are put back in input order (deterministic: the same
@@ -127,8 +128,8 @@ class Classifier:
             variant = "int8" if bundle.has("int8") else "fp32"
         self.bundle = bundle
         self.variant = variant
-        self.threshold = float(bundle.threshold)  # the global threshold
-        self.policy = bundle.thresholds
+        self.policy = bundle.policy_for(variant)
+        self.threshold = float(self.policy["default"])  # the global threshold
         self.batch_size = max(1, int(batch_size))
         self.encoder: Encoder = bundle.encoder()
         self.graph = OnnxGraph(bundle.model_path(variant), threads=threads, output=bundle.output, spin=spin)

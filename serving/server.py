@@ -541,8 +541,8 @@ def load_model(settings: ServerSettings):
         log.warning("bundle %s: %s", bundle.name, mismatch)
     sha256 = bundle.manifest["files"][model_file]["sha256"]
     info = {"bundle": bundle.name, "variant": variant, "sha256": sha256[:16], "bundle_sha256": sha256,
-            "threshold": float(bundle.threshold),
-            "threshold_by_lang": dict(bundle.thresholds.get("by_lang") or {}),
+            "threshold": classifier.threshold,  # the served graph's (bundle.policy_for)
+            "threshold_by_lang": dict(classifier.policy.get("by_lang") or {}),
             "created_at": bundle.created_at or None, "mlflow_run_id": bundle.source.get("mlflow_run_id")}
     return classifier, info
 

@@ -246,6 +246,57 @@ def test_export_carries_the_per_language_policy(tiny_model_dir, tmp_path):
                       show=False, threads=1)
 
 
+def test_the_int8_graph_gets_the_models_rule_on_its_own_validation_scores(tiny_model_dir, tmp_path):
+    """A model whose policy records its rule: the export applies that rule again to the int8 graph's scores on
+    the whole validation split, the int8 graph is served (and the export's int8 figures counted) at that
+    policy, the fp32 graph at the model's; parity rows that are not the whole split keep the model's."""
+    from datasets import load_from_disk
+
+    from training.metrics import threshold_choice
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    val = load_from_disk(str(Path(meta["data_dir"]) / "dataset"))["validation"]
+    # the rule at 10% FPR on the model's own validation scores, as training chooses it
+    p_torch = Classifier(load_bundle(export_bundle(_cfg("export.optimize=false"), model_dir, out_root=tmp_path / "b0",
+                                                   name="ref", show=False, threads=1).bundle_dir),
+                         variant="fp32").predict_proba(list(val["text"]))
+    model_choice = threshold_choice(np.asarray(val["label"]), p_torch, "max_recall_at_fpr", 0.1)
+    policy = {"default": model_choice["threshold"], "by_lang": {}, "rule": "max_recall_at_fpr", "target_fpr": 0.1,
+              "min_rows": {"ham": 100, "spam": 20}, "per_language": False, "raise_only": False, "languages": {}}
+    meta.update(threshold=policy["default"], thresholds=policy)
+    (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    res = export_bundle(_cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2"),
+                        model_dir, out_root=tmp_path / "bundles", name="own", show=False, threads=1)
+    assert res.int8_passed and not [w for w in res.warnings if "model's thresholds" in w]
+    own = res.manifest["thresholds_by_model"]["int8"]
+    b = load_bundle(res.bundle_dir)
+    int8, fp32 = Classifier(b, variant="int8"), Classifier(b, variant="fp32")
+    p8 = int8.predict_proba(list(val["text"]))
+    want = threshold_choice(np.asarray(val["label"]), p8, "max_recall_at_fpr", 0.1)
+    # chosen on the int8 scores, not the model's: on this tiny model they differ in the 7th digit, so compare exactly
+    assert own["default"] == pytest.approx(want["threshold"], rel=1e-9, abs=0) and own["rule"] == "max_recall_at_fpr"
+    assert want["threshold"] != pytest.approx(policy["default"], rel=1e-9, abs=0)  # so the line above tells them apart
+    assert own["target_fpr"] == 0.1 and own["global"]["val_fpr"] <= 0.1
+    assert int8.threshold == own["default"] and b.policy_for("int8") == own
+    assert fp32.threshold == policy["default"] and b.policy_for("fp32")["default"] == policy["default"]
+    ham = np.asarray(val["label"]) == 0
+    assert (p8[ham] >= int8.threshold).mean() <= 0.1  # the served graph keeps the rule on validation
+    served = int8.classify(list(val["text"][:6]))
+    assert {r["threshold"] for r in served} == {own["default"]}
+    int8_fig = res.manifest["metrics"]["export"]["int8"]["overall"]
+    assert int8_fig["fpr"] == pytest.approx((p8[ham] >= own["default"]).mean())
+    assert "int8 thresholds, chosen by the model's rule on its own validation scores" in res.table
+
+    part = export_bundle(_cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2",
+                              "export.parity_rows=20"), model_dir, out_root=tmp_path / "bundles", name="part",
+                         show=False, threads=1)
+    assert "thresholds_by_model" not in part.manifest
+    assert any("not the whole validation split" in w for w in part.warnings)
+    assert Classifier(load_bundle(part.bundle_dir), variant="int8").threshold == policy["default"]
+
+
 def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):
     from training.quantize import sensitive_nodes
 

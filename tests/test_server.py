@@ -397,6 +397,39 @@ def test_per_language_thresholds_label_the_same_probability_differently(tiny_bun
     assert "threshold_scope" in schema["Result"]["required"] and "threshold_by_lang" in schema["ModelInfo"]["properties"]
 
 
+def test_each_graph_is_served_at_its_own_thresholds(tiny_bundle, tmp_path):
+    """bundle.json's thresholds_by_model (the export's choice on the int8 graph's validation scores) applies
+    when the int8 graph is served, the bundle's own policy when fp32 is; a malformed entry stops start-up."""
+    import numpy as np
+
+    from serving.server import StartupError, load_model
+
+    d = Path(shutil.copytree(tiny_bundle, tmp_path / "own"))
+    manifest = json.loads((d / "bundle.json").read_text(encoding="utf-8"))
+    manifest["thresholds_by_model"] = {"int8": {**manifest["thresholds"], "default": 0.6}}
+    (d / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    texts = ["see you at lunch?", "周末一起去北京吃饭吧"]
+    for variant, want in (("int8", 0.6), ("fp32", manifest["threshold"])):
+        settings = ServerSettings(bundle=str(d), model=variant, threads=1)
+        clf, info = load_model(settings)
+        assert info["threshold"] == want and clf.threshold == want
+        clf.probabilities = lambda items: np.full(len(items), 0.55)
+        app = create_app(settings, clf.classify, info)
+
+        async def go():
+            async with app.router.lifespan_context(app):
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                    return await c.post("/v1/classify", json={"texts": texts})
+
+        body = asyncio.run(go()).json()
+        assert body["model"]["threshold"] == want
+        assert [(r["threshold"], r["label"]) for r in body["results"]] == [(want, "spam" if 0.55 >= want else "ham")] * 2
+    manifest["thresholds_by_model"] = {"int4": {"default": 0.5}}
+    (d / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(StartupError, match="thresholds_by_model"):
+        load_model(ServerSettings(bundle=str(d), model="int8", threads=1))
+
+
 def test_a_failing_text_fails_only_its_own_request(tiny_bundle):
     """In process, with the real classifier behind a predict that fails on one marked text: the batch it
     shares with other requests is retried request by request, so only its own request gets the 500."""

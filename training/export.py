@@ -157,6 +157,7 @@ class ParityData:
     texts: list[str]
     labels: list[int]
     source: str
+    whole_validation: bool = False  # every row of the model's validation split: thresholds can be chosen on it
 
 
 def check_export_config(ecfg) -> None:
@@ -197,7 +198,7 @@ def load_parity_data(model_dir: Path, meta: dict, cfg: Config, rows: int) -> Par
                     idx = np.sort(np.random.RandomState(cfg.data.seed).permutation(n)[:rows])
                 sub = split.select(idx.tolist())
                 return ParityData(list(sub["text"]), [int(x) for x in sub["label"]],
-                                  f"validation split of {d} ({len(idx)} of {n} rows)")
+                                  f"validation split of {d} ({len(idx)} of {n} rows)", whole_validation=len(idx) == n)
     raise ExportError("no validation data for the parity gates (looked in " + ", ".join(dict.fromkeys(tried))
                       + "): run `make data` with the config the model was trained on")
 
@@ -613,14 +614,18 @@ def export_bundle(
             scores_gate["int8"] = int8_gate.pop("token_scores", None)
         notes = [] if p8 is not None else [f"int8 not shipped: {int8['reason']}"]
 
+        own, why_not = variant_policy(policy, data, p8, langs) if p8 is not None else (None, "")
+        if why_not:
+            notes.append(f"int8 served at the model's thresholds: {why_not}")
         n = len(prepared)
         speed = {"rows": n, "torch_ms_per_text": 1000 * torch_seconds / n, "fp32_ms_per_text": 1000 * fp32_seconds / n}
         metrics = {"rows": n, "fp32": _metrics_at(data.labels, p32, langs, row_thresholds)}
         if p8 is not None:
             speed["int8_ms_per_text"] = 1000 * int8_seconds / n
-            metrics["int8"] = _metrics_at(data.labels, p8, langs, row_thresholds)
+            metrics["int8"] = _metrics_at(data.labels, p8, langs, TH.thresholds_for(own or policy, langs)[0])
         manifest = {
             **base,
+            **({"thresholds_by_model": {"int8": own}} if own else {}),
             "models": {"fp32": FP32_FILE, "int8": INT8_FILE if p8 is not None else None},
             "int8": int8,
             "parity": {"rows": n, "data": data.source, "fp32": fp32_gate, "int8": int8_gate,
@@ -646,6 +651,24 @@ def export_bundle(
         torch.set_num_threads(torch_threads)
     manifest = json.loads((target / "bundle.json").read_text(encoding="utf-8"))
     return ExportResult(target, manifest, p8 is not None, parity_table(manifest), notes)
+
+
+def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str]) -> tuple[dict | None, str]:
+    """(policy, "") of the model's threshold rule applied again to a graph's own scores on the whole
+    validation split: an int8 graph's scores move a little near the threshold, and the served graph should
+    flag the share of validation ham the rule says. (None, why) when that cannot be done."""
+    from training.metrics import THRESHOLD_RULES, threshold_policy
+
+    if policy.get("rule") not in THRESHOLD_RULES or policy.get("target_fpr") is None:
+        return None, f"the model's threshold records no rule to apply again ({policy.get('rule') or 'none'})"
+    if not data.whole_validation:
+        return None, (f"the parity rows ({data.source}) are not the whole validation split "
+                      "(export.parity_rows=0 reads it all)")
+    rows = policy.get("min_rows") or {}
+    return threshold_policy(data.labels, p_spam, langs, policy["rule"], float(policy["target_fpr"]),
+                            int(rows.get("ham", 100)), int(rows.get("spam", 20)),
+                            per_language=bool(policy.get("per_language", bool(policy.get("by_lang")))),
+                            raise_only=bool(policy.get("raise_only", False))), ""
 
 
 # ------------------------------------------------------------------------------------------ MLflow

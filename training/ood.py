@@ -70,7 +70,6 @@ class Scorer:
 def bundle_scorer(bundle_dir: Path, threads: int) -> Scorer:
     from serving.bundle import load_bundle
     from serving.inference import Classifier
-    from serving.thresholds import from_manifest
 
     bundle = load_bundle(bundle_dir)
     variant = "int8" if bundle.manifest.get("models", {}).get("int8") else "fp32"
@@ -82,7 +81,7 @@ def bundle_scorer(bundle_dir: Path, threads: int) -> Scorer:
             out += [r["spam_probability"] for r in clf.classify(texts[start:start + 64])]
         return np.asarray(out, dtype=np.float64)
 
-    policy = dict(from_manifest(bundle.manifest))
+    policy = dict(clf.policy)  # the served graph's own thresholds where the export chose them
     policy["mask_digits"] = bool(bundle.manifest.get("text", {}).get("mask_digits", True))
     return Scorer("model", proba, policy, f"bundle {bundle_dir.name} ({variant})")
 

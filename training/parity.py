@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from serving.inference import spam_probability
+from serving.thresholds import describe
 from training.metrics import fmt
 
 # A language with fewer validation rows than this is reported but not gated on int8 F1: one flipped row
@@ -111,6 +112,9 @@ def parity_table(manifest: dict) -> str:
     if speed:
         lines += ["", "speed at export (ms per text, parity batches): " + ", ".join(
             f"{k.removesuffix('_ms_per_text')} {v:.2f}" for k, v in speed.items() if k.endswith("_ms_per_text"))]
+    for variant, own in (manifest.get("thresholds_by_model") or {}).items():
+        lines.append(f"{variant} thresholds, chosen by the model's rule on its own validation scores: "
+                     f"{describe(own)} (the model's: {describe(manifest['thresholds'])})")
     lines += ["files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in manifest["files"].items())]
     lines.append(f"int8: {q['status']}" + (f" ({q['recipe']['name']})" if q.get("recipe") else f" — {q.get('reason')}"))
     return "\n".join(lines)
