@@ -151,3 +151,25 @@ def test_missing_file_and_glob_errors(tmp_path):
     truncated.write_bytes(gzip.compress(b"label,text\n" + b"ham,hello there\n" * 500)[:60])
     with pytest.raises(DataError, match=r"t\.csv\.gz: cannot read the file"):
         read_labelled_file(truncated)
+
+
+def test_the_written_corpora_load_through_the_default_config_with_their_cards():
+    """Every corpus the repository ships (data/raw/*) that configs/default.yaml names reads through its own
+    entry with nothing dropped but what the entry filters, and has a data card that names its config key;
+    the everyday Chinese ham (off by default) is 800 ham rows in both scripts."""
+    from training.config import ROOT, load_config
+
+    cfg = load_config("configs/default.yaml")
+    cards = {p.read_text(encoding="utf-8") for p in (ROOT / "data_cards").glob("*.md")}
+    for name in ("cjk_seed", "notice_seed", "licensed_ham", "everyday_zh"):
+        cc = cfg.data.corpora[name]
+        drops = DropLog()
+        rows = load_corpus(name, cc, cfg.data, drops)
+        assert rows and all(r["source"] == name for r in rows), name
+        assert any(f"`data.corpora.{name}`" in card for card in cards), f"no data card for {name}"
+        assert (ROOT / cc.path).parent.joinpath("SOURCE.md").exists(), name
+    everyday = load_corpus("everyday_zh", cfg.data.corpora["everyday_zh"], cfg.data, DropLog())
+    assert len(everyday) == 800 and {r["label"] for r in everyday} == {0}
+    raw = [json.loads(line) for line in (ROOT / "data/raw/everyday_zh/everyday_zh.jsonl").open(encoding="utf-8")]
+    assert {r["script"] for r in raw} == {"simplified", "traditional"} and len({r["id"] for r in raw}) == 800
+    assert not [r for r in raw if "http" in r["text"] or "www" in r["text"]]  # ham without a link, as its card says
