@@ -295,6 +295,10 @@ def test_the_int8_graph_gets_the_models_rule_on_its_own_validation_scores(tiny_m
     assert "thresholds_by_model" not in part.manifest
     assert any("not the whole validation split" in w for w in part.warnings)
     assert Classifier(load_bundle(part.bundle_dir), variant="int8").threshold == policy["default"]
+    kept = export_bundle(_cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2",
+                              "export.int8_own_thresholds=false"), model_dir, out_root=tmp_path / "bundles",
+                         name="kept", show=False, threads=1)
+    assert "thresholds_by_model" not in kept.manifest and not [w for w in kept.warnings if "thresholds" in w]
 
 
 def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):

@@ -182,6 +182,9 @@ class ExportConfig:
     int8_min_agreement: float = 0.995
     int8_max_f1_drop: float = 0.005
     optimize: bool = True
+    # the int8 graph gets the model's threshold rule applied again to its own validation scores (bundle.json
+    # thresholds_by_model), so that it flags the share of validation ham the rule says; false: the model's
+    int8_own_thresholds: bool = True
 
 
 @dataclass

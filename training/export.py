@@ -614,7 +614,8 @@ def export_bundle(
             scores_gate["int8"] = int8_gate.pop("token_scores", None)
         notes = [] if p8 is not None else [f"int8 not shipped: {int8['reason']}"]
 
-        own, why_not = variant_policy(policy, data, p8, langs) if p8 is not None else (None, "")
+        own, why_not = (variant_policy(policy, data, p8, langs) if p8 is not None and ecfg.int8_own_thresholds
+                        else (None, ""))
         if why_not:
             notes.append(f"int8 served at the model's thresholds: {why_not}")
         n = len(prepared)
