@@ -87,8 +87,9 @@ def reproduce_command(figure: str, args: argparse.Namespace, run_ref: str | None
     if bundle:
         parts.append(f"--bundle {shlex.quote(bundle)}")
     for opt in getattr(module(figure), "OPTIONS", ()):
-        if getattr(args, opt):
-            parts.append(f"--{opt} {shlex.quote(getattr(args, opt))}")
+        value = getattr(args, opt)
+        if value and not (opt == "bundle" and bundle):  # a figure's own --bundle, said once and repo-relative
+            parts.append(f"--{opt} {shlex.quote(rel(Path(value)) if opt == 'bundle' else value)}")
     parts.append(f"--threads {args.threads}")
     if args.quick:
         parts.append("--quick")

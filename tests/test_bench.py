@@ -328,3 +328,16 @@ def test_ensemble_figure_sweeps_weights_on_each_set_and_fold(tmp_path, tiny_mode
     assert set(res["skipped_folds"]) == {"email", "spamassassin", "cjk_seed", "seeded"}
     md = (tmp_path / "BENCH.md").read_text(encoding="utf-8")
     assert "Ensemble study" in md and "| zh_sms |" in md and "Fold email skipped" in md
+
+
+def test_reproduce_command_names_a_figures_own_bundle_relative_to_the_repository():
+    import argparse
+
+    from bench.run import ROOT, reproduce_command
+
+    args = argparse.Namespace(config="configs/default.yaml", threads=2, quick=False,
+                              bundle=str(ROOT / "bundles" / "b1"))
+    cmd = reproduce_command("ensemble", args, "r1", None)
+    assert cmd == "python -m bench.run --only ensemble --run r1 --bundle bundles/b1 --threads 2"
+    # said once when the figure's inputs already name it
+    assert reproduce_command("ensemble", args, "r1", "bundles/b1").count("--bundle") == 1
