@@ -133,6 +133,7 @@ def test_cli_data_file_logs_an_eval_run(tiny_model_dir, cfg, tmp_path, capsys):
     (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),  # was range() ValueError traceback
     (["eval.threshold_min_ham=-1"], "eval.threshold_min_ham must be >= 0, got -1"),
     (["eval.threshold_min_spam=-5"], "eval.threshold_min_spam must be >= 0, got -5"),
+    (["eval.threshold_spread_resamples=-1"], "eval.threshold_spread_resamples must be >= 0, got -1"),
 ])
 def test_cli_user_mistakes_are_one_line(tiny_model_dir, cfg, tmp_path, capsys, extra, message):
     if "BAD_COLUMN" in extra:

@@ -263,7 +263,8 @@ def test_the_int8_graph_gets_the_models_rule_on_its_own_validation_scores(tiny_m
                          variant="fp32").predict_proba(list(val["text"]))
     model_choice = threshold_choice(np.asarray(val["label"]), p_torch, "max_recall_at_fpr", 0.1)
     policy = {"default": model_choice["threshold"], "by_lang": {}, "rule": "max_recall_at_fpr", "target_fpr": 0.1,
-              "min_rows": {"ham": 100, "spam": 20}, "per_language": False, "raise_only": False, "languages": {}}
+              "min_rows": {"ham": 100, "spam": 20}, "per_language": False, "raise_only": False, "languages": {},
+              "global": {**model_choice, "spread": {"resamples": 30}}}
     meta.update(threshold=policy["default"], thresholds=policy)
     (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
 
@@ -288,6 +289,10 @@ def test_the_int8_graph_gets_the_models_rule_on_its_own_validation_scores(tiny_m
     int8_fig = res.manifest["metrics"]["export"]["int8"]["overall"]
     assert int8_fig["fpr"] == pytest.approx((p8[ham] >= own["default"]).mean())
     assert "int8 thresholds, chosen by the model's rule on its own validation scores" in res.table
+    # its spread is measured as the model's was, on the int8 graph's scores
+    assert own["global"]["spread"]["resamples"] == 30
+    assert own["global"]["spread"]["low"] <= own["default"] <= own["global"]["spread"]["high"]
+    assert "90% of 30 validation resamples choose" in res.table
 
     part = export_bundle(_cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2",
                               "export.parity_rows=20"), model_dir, out_root=tmp_path / "bundles", name="part",

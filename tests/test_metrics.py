@@ -283,6 +283,50 @@ def test_threshold_policy_off_or_minimums_unmet_is_the_global_threshold():
         M.threshold_policy(y, p, langs, min_ham=-1)
 
 
+def _draw(rng, n_ham, n_spam):
+    y = np.r_[np.zeros(n_ham, dtype=int), np.ones(n_spam, dtype=int)]
+    return y, np.r_[rng.beta(2, 8, n_ham), rng.beta(8, 2, n_spam)]
+
+
+def test_threshold_spread_brackets_the_choice_and_narrows_with_more_validation_rows():
+    rng = np.random.default_rng(3)
+    small, large = _draw(rng, 400, 200), _draw(rng, 8000, 4000)
+    widths = []
+    for y, p in (small, large):
+        chosen = M.threshold_choice(y, p, target_fpr=0.01)["threshold"]
+        s = M.threshold_spread(y, p, target_fpr=0.01, resamples=100)
+        assert s["low"] <= s["median"] <= s["high"] and s["resamples"] == 100 and s["level"] == 0.9
+        assert s["low"] <= chosen <= s["high"]
+        widths.append(s["high"] - s["low"])
+    # 20x the rows: the order statistic the rule picks is pinned down far better
+    assert widths[1] < widths[0] / 2
+    # deterministic per seed, and another seed draws other resamples
+    y, p = small
+    assert M.threshold_spread(y, p, resamples=50, seed=1) == M.threshold_spread(y, p, resamples=50, seed=1)
+    assert M.threshold_spread(y, p, resamples=50, seed=1) != M.threshold_spread(y, p, resamples=50, seed=2)
+
+
+def test_threshold_spread_off_one_class_or_bad_arguments():
+    y, p = _draw(np.random.default_rng(4), 50, 20)
+    assert M.threshold_spread(y, p, resamples=0) is None
+    assert M.threshold_spread(np.zeros(10, dtype=int), np.linspace(0, 1, 10), resamples=20) is None
+    with pytest.raises(ValueError, match="resamples must be >= 0"):
+        M.threshold_spread(y, p, resamples=-1)
+    with pytest.raises(ValueError, match="level in"):
+        M.threshold_spread(y, p, resamples=10, level=1.0)
+
+
+def test_threshold_policy_carries_the_global_spread_and_says_it():
+    y, p, langs = _policy_data()
+    policy = M.threshold_policy(y, p, langs, spread_resamples=40)
+    spread = policy["global"]["spread"]
+    assert spread["resamples"] == 40 and spread["low"] <= policy["default"] <= spread["high"]
+    text = M.spread_text(policy["global"])
+    assert text.startswith("90% of 40 validation resamples choose") and f"{spread['high']:.4g}" in text
+    assert M.threshold_policy(y, p, langs)["global"]["spread"] is None
+    assert M.spread_text(M.threshold_policy(y, p, langs)["global"]) == ""
+
+
 def test_threshold_policy_raise_only_keeps_only_the_higher_thresholds():
     y, p, langs = _policy_data()
     both = M.threshold_policy(y, p, langs, min_ham=100, min_spam=20)

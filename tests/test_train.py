@@ -278,6 +278,9 @@ def test_train_end_to_end_logs_a_finished_run_with_a_loadable_model(prepared, tm
     meta = json.loads((model_dir / "spamlingo.json").read_text())
     assert meta["mlflow_run_id"] == rid and meta["backbone"] == "tiny" and meta["format_version"] == 1
     assert meta["threshold"] == pytest.approx(m["threshold"]) and meta["threshold_rule"] == "max_recall_at_fpr"
+    spread = meta["threshold_choice"]["spread"]  # the threshold chosen again on resampled validation
+    assert spread["resamples"] == 200 and spread["low"] <= meta["threshold"] <= spread["high"]
+    assert m["threshold/spread_low"] == pytest.approx(spread["low"]) and "validation resamples choose" in out
     assert meta["data_dir"] == str(prepared) and meta["data_hash"] == run.data.tags["data_hash"]
     assert meta["metrics"]["test"]["pr_auc"] == pytest.approx(m["test/overall/pr_auc"])
     assert meta["backbone_info"]["vocab_trim"]

@@ -171,6 +171,9 @@ class EvalConfig:
     per_language_lower: bool = True  # False: a language's own threshold only where above the global one
     threshold_min_ham: int = 100
     threshold_min_spam: int = 20
+    # the global threshold chosen again on this many bootstrap resamples of validation: its 90% interval is
+    # printed, kept in spamlingo.json and bundle.json ("spread") and logged; 0 = not measured
+    threshold_spread_resamples: int = 200
 
 
 @dataclass

@@ -219,7 +219,7 @@ def check_eval_config(cfg: Config) -> None:
     """The eval settings every scoring pass uses (also checked by training before it starts)."""
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
-    for key in ("threshold_min_ham", "threshold_min_spam"):
+    for key in ("threshold_min_ham", "threshold_min_spam", "threshold_spread_resamples"):
         if getattr(cfg.eval, key) < 0:
             raise ConfigError(f"eval.{key} must be >= 0, got {getattr(cfg.eval, key)}")
 
@@ -357,7 +357,7 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     The next `make export` carries it into the bundle. Returns the new policy."""
     import warnings
 
-    from training.metrics import ThresholdWarning, config_threshold_policy
+    from training.metrics import ThresholdWarning, config_threshold_policy, spread_text
 
     check_eval_config(cfg)
     model_dir = Path(model_dir)
@@ -377,6 +377,8 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     print(f"{model_dir}: thresholds {before} -> {TH.describe(policy)} ({e.threshold_rule}, target FPR "
           f"{e.target_fpr:g}, per-language {_per_language_mode(e)}; {len(p)} validation "
           f"rows of {data_dir})")
+    if spread_text(policy["global"]):
+        print(f"  {spread_text(policy['global'])}")
     if log and meta.get("mlflow_run_id"):
         from mlflow.exceptions import MlflowException
 

@@ -666,10 +666,12 @@ def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str]) -> 
         return None, (f"the parity rows ({data.source}) are not the whole validation split "
                       "(export.parity_rows=0 reads it all)")
     rows = policy.get("min_rows") or {}
+    spread = (policy.get("global") or {}).get("spread") or {}
     return threshold_policy(data.labels, p_spam, langs, policy["rule"], float(policy["target_fpr"]),
                             int(rows.get("ham", 100)), int(rows.get("spam", 20)),
                             per_language=bool(policy.get("per_language", bool(policy.get("by_lang")))),
-                            raise_only=bool(policy.get("raise_only", False))), ""
+                            raise_only=bool(policy.get("raise_only", False)),
+                            spread_resamples=int(spread.get("resamples", 0))), ""
 
 
 # ------------------------------------------------------------------------------------------ MLflow

@@ -147,6 +147,34 @@ def choose_threshold(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     return threshold_choice(y_true, p_spam, rule, target_fpr)["threshold"]
 
 
+def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
+                     resamples: int = 200, level: float = 0.9, seed: int = 0) -> dict | None:
+    """How far `threshold_choice` moves when validation is drawn again: the rule applied to `resamples`
+    bootstrap resamples (ham and spam resampled apart, so each keeps its count), summarised as the
+    central `level` interval and the median. At a strict FPR target the threshold is one of the few
+    highest ham scores (0.5% of 3,000 ham: the 15th), so it moves with whichever ham happen to be in
+    validation; a wide interval says the target asks more than the validation split can pin down.
+    Deterministic per `seed`. None when `resamples` is 0 or a class is missing."""
+    if resamples < 0 or not 0.0 < level < 1.0:
+        raise ValueError(f"resamples must be >= 0 and level in (0, 1), got {resamples} and {level}")
+    y, p = _arrays(y_true, p_spam)
+    ham, spam = p[y == 0], p[y == 1]
+    if resamples == 0 or ham.size == 0 or spam.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.zeros(ham.size, dtype=int), np.ones(spam.size, dtype=int)]
+    found = np.empty(resamples)
+    with warnings.catch_warnings():  # a resample that misses the target says so in its own choice only
+        warnings.simplefilter("ignore", ThresholdWarning)
+        for i in range(resamples):
+            scores = np.r_[rng.choice(ham, ham.size), rng.choice(spam, spam.size)]
+            found[i] = threshold_choice(labels, scores, rule, target_fpr)["threshold"]
+    tail = (1.0 - level) / 2.0
+    low, median, high = np.quantile(found, [tail, 0.5, 1.0 - tail])
+    return {"low": float(low), "median": float(median), "high": float(high), "level": float(level),
+            "resamples": int(resamples), "seed": int(seed)}
+
+
 # Rule of three: with n ham rows and no false positive among them, the 95% upper bound on the FPR is about
 # 3/n. A language with fewer than 3/target_fpr validation ham rows cannot show that its FPR is under the
 # target, so its threshold may go below the global one only as far as it flags none of its validation ham.
@@ -159,7 +187,7 @@ def _clean(x):
 
 def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall_at_fpr",
                      target_fpr: float = 0.01, min_ham: int = 100, min_spam: int = 20, *,
-                     per_language: bool = True, raise_only: bool = False) -> dict:
+                     per_language: bool = True, raise_only: bool = False, spread_resamples: int = 0) -> dict:
     """The threshold policy (serving/thresholds.py) chosen on validation scores.
 
     - `default`: `threshold_choice` on every validation row (the global threshold, as without languages).
@@ -177,7 +205,9 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     - Languages below the minimum (or all, with `per_language=False`) use the global threshold.
     `languages[lang]` records every language of the validation split: ham and spam counts, `scope`
     ("lang:<tag>" or "global"), the threshold it gets, `reason`, and validation precision/recall/FPR of
-    that language at that threshold. `global` is the global `threshold_choice`. NaN is written as None.
+    that language at that threshold. `global` is the global `threshold_choice`, with `spread`: the
+    `threshold_spread` of the global threshold over `spread_resamples` resamples (None when 0). NaN is
+    written as None.
     """
     from serving.thresholds import GLOBAL, lang_scope
 
@@ -188,6 +218,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     if lang_arr.size != y.size:
         raise ValueError(f"langs has {lang_arr.size} values for {y.size} rows")
     choice = threshold_choice(y, p, rule, target_fpr)
+    choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples)
     default = choice["threshold"]
     ham_to_lower = math.inf if target_fpr <= 0 else math.ceil(LOWER_HAM_FACTOR / target_fpr - 1e-9)
     need_ham, need_spam = max(1, int(min_ham)), max(1, int(min_spam))
@@ -258,7 +289,17 @@ def config_threshold_policy(ecfg, y_val, p_val, langs: Sequence[str]) -> dict:
     """`threshold_policy` with the settings of an `eval` config section (training, evaluation, baseline)."""
     return threshold_policy(y_val, p_val, langs, ecfg.threshold_rule, ecfg.target_fpr, ecfg.threshold_min_ham,
                             ecfg.threshold_min_spam, per_language=ecfg.per_language_thresholds,
-                            raise_only=not ecfg.per_language_lower)
+                            raise_only=not ecfg.per_language_lower,
+                            spread_resamples=ecfg.threshold_spread_resamples)
+
+
+def spread_text(choice: Mapping) -> str:
+    """`threshold_choice`'s spread in words ("" when it has none), for the lines that print a threshold."""
+    s = choice.get("spread")
+    if not s:
+        return ""
+    return (f"{s['level']:.0%} of {s['resamples']} validation resamples choose {s['low']:.4g}-{s['high']:.4g} "
+            f"(median {s['median']:.4g})")
 
 
 # ------------------------------------------------------------------------------------------ metrics

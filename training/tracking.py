@@ -313,7 +313,8 @@ def log_evaluation(
     serving.thresholds policy they came from): every scope counts each row at the threshold it got.
     Logs metrics `<split>/<scope>/<metric>` (metrics.to_mlflow_metrics) and `threshold` (the global
     one: `policy["default"]`, else the single threshold), with a policy also `threshold/lang.<tag>` for
-    each language with a threshold of its own; the markdown
+    each language with a threshold of its own and `threshold/spread_low|high` (its resampling interval,
+    metrics.threshold_spread) where measured; the markdown
     table as `table_file` (default `metrics.md` for split "test", else `metrics_<split>.md`), and with `plots` the PNGs of
     plots.evaluation_plots under `plots/`. Files are also kept in `out_dir` when given.
     Returns the grouped metrics (metrics.grouped_metrics).
@@ -328,6 +329,9 @@ def log_evaluation(
     single = float(policy["default"]) if policy is not None else M.threshold_value(threshold)
     if not math.isnan(single):
         mlflow.log_metric("threshold", single)
+    spread = (policy or {}).get("global", {}).get("spread") if policy is not None else None
+    if spread:
+        mlflow.log_metrics({"threshold/spread_low": spread["low"], "threshold/spread_high": spread["high"]})
     if policy is not None and policy.get("by_lang"):
         from serving.thresholds import describe
 
