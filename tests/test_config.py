@@ -32,11 +32,10 @@ def test_repository_configs_load():
     default = load_config("configs/default.yaml")
     assert set(default.data.corpora) == {"uci_sms", "zh_sms", "spamassassin", "enron", "cjk_seed", "licensed_ham",
                                          "zh_fraud", "notice_seed", "zh_scam_seed", "everyday_zh", "feedback"}
-    # defined and off: the fraud corpus (its licence), the written Chinese scams and everyday Chinese ham
-    # (measured: README "What was tried"), feedback (make retrain)
-    assert [n for n, c in default.data.corpora.items() if not c.enabled] == ["zh_fraud", "zh_scam_seed", "everyday_zh",
-                                                                              "feedback"]
-    # when opted in: never in validation or test
+    # defined and off: the fraud corpus (its licence), the everyday Chinese ham (measured: it lost the Chinese
+    # SMS fold's ranking), feedback (make retrain)
+    assert [n for n, c in default.data.corpora.items() if not c.enabled] == ["zh_fraud", "everyday_zh", "feedback"]
+    # written teaching material: never in validation or test (everyday_zh when opted in)
     assert default.data.corpora["everyday_zh"].train_only and default.data.corpora["zh_scam_seed"].train_only
     # notice_seed: its ja/ko/zh rows, in the training split only (measured: the whole corpus lost)
     notice = default.data.corpora["notice_seed"]
