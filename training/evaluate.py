@@ -377,8 +377,8 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     print(f"{model_dir}: thresholds {before} -> {TH.describe(policy)} ({e.threshold_rule}, target FPR "
           f"{e.target_fpr:g}, per-language {_per_language_mode(e)}; {len(p)} validation "
           f"rows of {data_dir})")
-    if spread_text(policy["global"]):
-        print(f"  {spread_text(policy['global'])}")
+    if spread := spread_text(policy["global"]):
+        print(f"  {spread}")
     if log and meta.get("mlflow_run_id"):
         from mlflow.exceptions import MlflowException
 

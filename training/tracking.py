@@ -329,7 +329,7 @@ def log_evaluation(
     single = float(policy["default"]) if policy is not None else M.threshold_value(threshold)
     if not math.isnan(single):
         mlflow.log_metric("threshold", single)
-    spread = (policy or {}).get("global", {}).get("spread") if policy is not None else None
+    spread = (policy or {}).get("global", {}).get("spread")
     if spread:
         mlflow.log_metrics({"threshold/spread_low": spread["low"], "threshold/spread_high": spread["high"]})
     if policy is not None and policy.get("by_lang"):

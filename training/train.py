@@ -553,8 +553,8 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     print(f"threshold {threshold:.6g} ({e.threshold_rule}, target FPR {e.target_fpr:g}): validation "
           f"precision {fmt(choice['val_precision'])}, recall {fmt(choice['val_recall'])}, FPR {fmt(choice['val_fpr'])}"
           + (f"; {choice['note']}" if choice["note"] else ""), flush=True)
-    if spread_text(choice):
-        print(f"  {spread_text(choice)}", flush=True)
+    if spread := spread_text(choice):
+        print(f"  {spread}", flush=True)
     for lang, info_l in policy["languages"].items():
         print(f"  lang {lang}: threshold {info_l['threshold']:.6g} ({info_l['scope']}; {info_l['ham']} ham, "
               f"{info_l['spam']} spam in validation; precision {fmt(info_l['val_precision'])}, recall "
