@@ -110,12 +110,43 @@ def test_evasion_is_deterministic_and_compares_like_with_like(tmp_path, scorers,
     assert {"hard_negative_ham:lang:en", "hard_negative_ham:lang:ko"} <= set(scopes)
 
 
+def test_figures_at_the_ends_of_the_thresholds_spread(tmp_path, scorers):
+    """A global threshold measured with its spread also reports F1, recall and FPR at the spread's low and
+    high thresholds (what threshold noise alone moves); none with per-language thresholds or no spread."""
+    from dataclasses import replace
+
+    rows = [{"text": r["text"], "label": "spam" if r["label"] else "ham"} for r in tiny_rows(seed=5)]
+    cfg = Config()
+    cfg.ood.eval_sets = [_write_jsonl(tmp_path / "eval.jsonl", rows)]
+    model = scorers["model"]
+    policy = {**model.policy, "by_lang": {}, "global": {**(model.policy.get("global") or {}),
+                                                        "spread": {"low": 0.2, "high": 0.8}}}
+    banded = replace(model, policy=policy)
+    assert banded.band() == (0.2, 0.8)
+    assert replace(model, policy={**policy, "by_lang": {"en": 0.5}}).band() is None
+    assert replace(model, policy={**policy, "global": {}}).band() is None
+    result = ood.eval_sets(cfg, {"model": banded, "baseline": scorers["baseline"]})
+    overall = {s["scope"]: s for s in result["scopes"]}["overall"]
+    ends = overall["model"]["at_spread"]
+    p, _, _ = model.score([r["text"] for r in rows])
+    y = np.array([r["label"] == "spam" for r in rows])
+    for end, t in (("low", 0.2), ("high", 0.8)):
+        assert ends[end]["threshold"] == t
+        assert ends[end]["recall"] == pytest.approx(float((p[y] >= t).mean()))
+        assert ends[end]["fpr"] == pytest.approx(float((p[~y] >= t).mean()))
+    assert ends["low"]["recall"] >= ends["high"]["recall"] and ends["low"]["fpr"] >= ends["high"]["fpr"]
+    assert "at_spread" not in overall["baseline"]  # its policy is a bare threshold
+    md = ood.render({"protocols": [result]})
+    low, high = ends["low"], ends["high"]
+    assert f"f1 {low['f1']:.3f} → {high['f1']:.3f}, fpr {low['fpr']:.2%} → {high['fpr']:.2%}" in md
+
+
 def test_render_shows_every_scope():
     proto = {"name": "eval_sets", "scopes": [{"scope": "overall", "rows": 10, "spam": 4,
                                                "model": {"f1": 0.9, "roc_auc": 0.95, "recall": 1.0, "fpr": 0.1},
                                                "baseline": {"f1": 0.5, "roc_auc": None, "recall": 0.5, "fpr": 0.0}}]}
     md = ood.render({"protocols": [proto]})
-    assert "| overall | 10 (4) | 0.900 | 0.950 | 1.000 | 10.00% | 0.500 | — |" in md
+    assert "| overall | 10 (4) | 0.900 | 0.950 | 1.000 | 10.00% | — | 0.500 | — |" in md  # — : no spread
 
 
 # ------------------------------------------------------------------------------------------ folds

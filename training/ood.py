@@ -19,7 +19,10 @@ The model is scored through its bundle's int8 graph when it has one (what is ser
 PyTorch model directory; the baseline is the newest TF-IDF run on the model's data whose threshold was chosen
 by the model's rule (trained with that rule when there is none). Each at its own shipped thresholds (per language where the policy has them). Results: one dict per
 protocol, `{"name", "scopes": [{"scope", "rows", "spam", "model": {...}, "baseline": {...}}]}` with `f1`,
-`roc_auc`, `recall`, `fpr` (null where undefined: no spam, or one class only) in each side.
+`roc_auc`, `recall`, `fpr` (null where undefined: no spam, or one class only) in each side. A side whose one
+global threshold came with its spread (training.metrics.threshold_spread) also has `at_spread`: `{"low",
+"high"}`, each `{"threshold", "f1", "recall", "fpr"}`, the figures at the ends of that interval. Two runs whose
+figures differ by less than that are not told apart by this benchmark: their thresholds are noise.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -65,6 +68,15 @@ class Scorer:
         p = self.proba(texts) if texts else np.empty(0)
         thresholds, _ = thresholds_for(self.policy, langs)
         return p, thresholds, langs
+
+    def band(self) -> tuple[float, float] | None:
+        """The global threshold's spread (low, high: training.metrics.threshold_spread) where every text gets
+        the global threshold and the policy measured one, else None: the thresholds a validation split drawn
+        again would have chosen, so a figure that moves between them is threshold noise."""
+        spread = (self.policy.get("global") or {}).get("spread")
+        if not spread or self.policy.get("by_lang"):
+            return None
+        return float(spread["low"]), float(spread["high"])
 
 
 def bundle_scorer(bundle_dir: Path, threads: int) -> Scorer:
@@ -164,13 +176,28 @@ def side_metrics(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict:
     return out
 
 
-def scope_entry(scope: str, y, scored: dict[str, tuple], idx=None) -> dict:
-    """One scope: rows, spam and each side's metrics on the rows `idx` (all when None)."""
+class Scored(NamedTuple):
+    """One side's scores on a batch: p_spam, each text's threshold, the threshold's spread (Scorer.band)."""
+
+    p: np.ndarray
+    thr: np.ndarray
+    band: tuple[float, float] | None = None
+
+
+def scope_entry(scope: str, y, scored: dict[str, Scored], idx=None) -> dict:
+    """One scope: rows, spam and each side's metrics on the rows `idx` (all when None); with a band, also
+    `at_spread`: f1, recall and fpr at the spread's low and high thresholds."""
     y = np.asarray(y, dtype=int)
     idx = np.arange(len(y)) if idx is None else np.asarray(idx, dtype=int)
     entry = {"scope": scope, "rows": int(len(idx)), "spam": int(y[idx].sum())}
-    for side, (p, thr) in scored.items():
-        entry[side] = side_metrics(y[idx], np.asarray(p)[idx], np.asarray(thr)[idx])
+    for side, sc in scored.items():
+        p = np.asarray(sc.p)[idx]
+        entry[side] = side_metrics(y[idx], p, np.asarray(sc.thr)[idx])
+        if sc.band:
+            entry[side]["at_spread"] = {
+                end: {"threshold": t, **{k: v for k, v in side_metrics(y[idx], p, np.full(len(idx), t)).items()
+                                         if k != "roc_auc"}}
+                for end, t in zip(("low", "high"), sc.band)}
     return entry
 
 
@@ -180,11 +207,11 @@ def _lang_scopes(langs: Sequence[str], y, scored, prefix: str = "lang:", min_row
             for lang in sorted(set(langs.tolist())) if (langs == lang).sum() >= min_rows]
 
 
-def _score_both(scorers: dict[str, Scorer], texts: list[str]) -> tuple[dict, list[str]]:
+def _score_both(scorers: dict[str, Scorer], texts: list[str]) -> tuple[dict[str, Scored], list[str]]:
     scored, langs = {}, []
     for side, scorer in scorers.items():
         p, thr, langs = scorer.score(texts)
-        scored[side] = (p, thr)
+        scored[side] = Scored(p, thr, scorer.band())
     return scored, langs
 
 
@@ -300,9 +327,9 @@ def evasion(cfg: Config, scorers: dict[str, Scorer], test) -> dict:
             scopes.append({"scope": name, "rows": 0, "spam": 0, **{s: None for s in scored}})
             continue
         entry = scope_entry(name, y_all, scored, np.concatenate([np.arange(nh), pert_idx]))
-        for side, (p, thr) in scored.items():
+        for side, sc in scored.items():
             clean_idx = nh + k
-            clean_recall = float((np.asarray(p)[clean_idx] >= np.asarray(thr)[clean_idx]).mean())
+            clean_recall = float((np.asarray(sc.p)[clean_idx] >= np.asarray(sc.thr)[clean_idx]).mean())
             entry[side]["recall_clean"] = clean_recall
             entry[side]["recall_drop"] = clean_recall - entry[side]["recall"]
         scopes.append(entry)
@@ -490,20 +517,34 @@ def _f(v, spec: str = ".3f") -> str:
     return fmt(v, spec, "—")
 
 
+def _band(m: dict, keys: Sequence[str]) -> str:
+    """`at_spread` in one cell: each metric at the spread's low -> high threshold ("—" when not measured)."""
+    a = m.get("at_spread")
+    if not a:
+        return "—"
+    spec = {"f1": ".3f", "recall": ".3f", "fpr": ".2%"}
+    return ", ".join(f"{k} {_f(a['low'].get(k), spec[k])} → {_f(a['high'].get(k), spec[k])}" for k in keys)
+
+
+# the model's figures at the two ends of its threshold's spread: what threshold noise alone would move
+BAND_HEAD = " model at the spread's low → high threshold |"
+
+
 def render_protocol(proto: dict) -> str:
     name = proto["name"]
     lines = [f"**{name}** — {proto.get('description', '')}", ""]
     if name == "unseen_ham" or all(s.get("spam", 0) == 0 for s in proto["scopes"]):
-        lines += ["| scope | rows | model FPR | baseline FPR |", "|---|---:|---:|---:|"]
+        lines += ["| scope | rows | model FPR |" + BAND_HEAD + " baseline FPR |", "|---|---:|---:|---|---:|"]
         for s in proto["scopes"]:
             m, b = s.get("model") or {}, s.get("baseline") or {}
-            lines.append(f"| {s['scope']} | {s['rows']:,} | {_f(m.get('fpr'), '.2%')} | {_f(b.get('fpr'), '.2%')} |")
+            lines.append(f"| {s['scope']} | {s['rows']:,} | {_f(m.get('fpr'), '.2%')} | {_band(m, ['fpr'])} | "
+                         f"{_f(b.get('fpr'), '.2%')} |")
         return "\n".join(lines)
     evasion_cols = name == "evasion"
     head = "| scope | rows (spam) | model F1 | ROC-AUC | recall | FPR |"
     head += " recall drop |" if evasion_cols else ""
-    head += " baseline F1 | ROC-AUC | recall | FPR |" + (" recall drop |" if evasion_cols else "")
-    lines += [head, "|---|---:|" + "---:|" * (10 if evasion_cols else 8)]
+    head += BAND_HEAD + " baseline F1 | ROC-AUC | recall | FPR |" + (" recall drop |" if evasion_cols else "")
+    lines += [head, "|---|---:|" + "---:|" * (5 if evasion_cols else 4) + "---|" + "---:|" * (5 if evasion_cols else 4)]
     for s in proto["scopes"]:
         cells = [s["scope"], f"{s['rows']:,} ({s['spam']:,})"]
         for side in SIDES:
@@ -511,6 +552,8 @@ def render_protocol(proto: dict) -> str:
             cells += [_f(m.get("f1")), _f(m.get("roc_auc")), _f(m.get("recall")), _f(m.get("fpr"), ".2%")]
             if evasion_cols:
                 cells.append(_f(m.get("recall_drop"), "+.3f") if "recall_drop" in m else "—")
+            if side == "model":
+                cells.append(_band(m, ["f1", "fpr"] if s.get("spam") else ["fpr"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -135,7 +135,7 @@ def compare(cfg: Config, cand_cfg: Config, scorers: dict, progress=print) -> tup
     measured = {"test": entries}
     fb = np.flatnonzero(np.asarray(test["source"]) == cfg.retrain.feedback_corpus)
     if len(fb):
-        acc = {side: _agreement(y[fb], np.asarray(p)[fb], np.asarray(t)[fb]) for side, (p, t) in scored.items()}
+        acc = {side: _agreement(y[fb], np.asarray(sc.p)[fb], np.asarray(sc.thr)[fb]) for side, sc in scored.items()}
         gates.append(Gate(f"feedback/test ({len(fb)} reports)", "accuracy", acc["champion"], acc["candidate"],
                           cfg.retrain.tolerance.feedback_accuracy, True))
         measured["feedback"] = {"rows": int(len(fb)), **acc}
