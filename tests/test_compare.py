@@ -47,7 +47,10 @@ def _log_run(uri, experiment, name, kind, overrides, noise, seed, finish=True, d
         ood.log_to_mlflow(cfg, rid, {"protocols": [
             {"name": "unseen_ham", "scopes": [{"scope": "lang:zh", "rows": 10, "spam": 0,
                                                "model": side(None, 0.0125), "baseline": side(None, 0.0875)}]},
-            {"name": "loco", "scopes": [{"scope": "zh_sms", "rows": 9, "spam": 3, "model": side(0.91, 0.01),
+            {"name": "loco", "scopes": [{"scope": "zh_sms", "rows": 9, "spam": 3,
+                                         "model": {**side(0.91, 0.01), "at_spread": {
+                                             "low": {"threshold": 0.8, "f1": 0.93, "recall": 0.9, "fpr": 0.04},
+                                             "high": {"threshold": 0.99, "f1": 0.85, "recall": 0.7, "fpr": 0.0}}},
                                          "baseline": side(0.72, 0.02)},
                                         {"scope": "zh_sms:lang:zh", "rows": 9, "spam": 3,
                                          "model": side(0.5, 0.5), "baseline": side(0.5, 0.5)}]}]})
@@ -122,7 +125,8 @@ def test_out_of_distribution_columns_with_the_baseline_below(store, tmp_path, ca
     assert "zh_sms.lang" not in header  # a fold's per-language rows stay in ood.json
     lines = table.splitlines()
     model = next(i for i, line in enumerate(lines) if "tiny-lr3" in line)
-    assert "0.0125" in lines[model] and "0.9100" in lines[model]
+    assert "0.0125" in lines[model] and "0.9100 (0.9300-0.8500)" in lines[model]  # F1 and its spread's ends
+    assert "0.9000 (" not in lines[model]  # ROC-AUC has no threshold, hence no spread
     assert "baseline" in lines[model + 1] and "0.0875" in lines[model + 1] and "0.7200" in lines[model + 1]
     ood_rows = table.split("\n\n")[0]
     assert "tiny-lr4" not in ood_rows  # no ood/ metrics logged: no row

@@ -375,15 +375,21 @@ def ood_table(runs: Sequence[RunRow], mark) -> Table | None:
         return None
     headers = ["", "run", "id"] + [f"{p} {sc.replace('lang.', '')} {'drop' if n == 'recall_drop' else n}"
                                    for p, sc, n in cols]
+    def cell(metrics: dict, key: str) -> str:
+        low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+        band = f" ({_fmt(low)}-{_fmt(high)})" if low is not None and high is not None else ""
+        return _fmt(metrics.get(key)) + band
+
     rows = []
     for r in runs:
         if not any(f"ood/{p}/{sc}/{n}" in r.metrics for p, sc, n in cols):
             continue
-        rows.append([mark(r), r.label, r.short_id] + [_fmt(r.metrics.get(f"ood/{p}/{sc}/{n}")) for p, sc, n in cols])
+        rows.append([mark(r), r.label, r.short_id] + [cell(r.metrics, f"ood/{p}/{sc}/{n}") for p, sc, n in cols])
         rows.append(["", "  TF-IDF baseline beside it", ""]
-                    + [_fmt(r.metrics.get(f"ood_baseline/{p}/{sc}/{n}")) for p, sc, n in cols])
+                    + [cell(r.metrics, f"ood_baseline/{p}/{sc}/{n}") for p, sc, n in cols])
     return Table("Out-of-distribution (make ood): FPR on unseen ham, F1 on held-out sets, evasion recall "
-                 "drop, leave-one-corpus-out folds", headers, rows)
+                 "drop, leave-one-corpus-out folds; in brackets, at the low and high ends of the threshold's "
+                 "spread (runs that differ by less are not told apart)", headers, rows)
 
 
 def _int_or_none(v):

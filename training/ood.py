@@ -485,7 +485,8 @@ def run(cfg: Config, model_dir: Path | None, bundle_dir: Path | None, protocols:
 
 
 def log_to_mlflow(cfg: Config, run_id: str | None, result: dict) -> None:
-    """ood/<protocol>/<scope>/<metric> into the model's run (model side; baseline side as ood_baseline/...)."""
+    """ood/<protocol>/<scope>/<metric> into the model's run (model side; baseline side as ood_baseline/...),
+    and <metric>_low / <metric>_high at the ends of the threshold's spread where measured (`at_spread`)."""
     if not run_id:
         return
     from training import tracking
@@ -495,7 +496,11 @@ def log_to_mlflow(cfg: Config, run_id: str | None, result: dict) -> None:
         for s in proto["scopes"]:
             scope = s["scope"].replace(":", ".")
             for side, prefix in (("model", "ood"), ("baseline", "ood_baseline")):
-                for k, v in (s.get(side) or {}).items():
+                m = s.get(side) or {}
+                named = list(m.items())
+                named += [(f"{k}_{end}", v) for end, ends in (m.get("at_spread") or {}).items()
+                          for k, v in ends.items() if k != "threshold"]
+                for k, v in named:
                     if isinstance(v, float) and np.isfinite(v):
                         metrics[f"{prefix}/{proto['name']}/{scope}/{k}"] = v
     try:
