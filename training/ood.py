@@ -549,7 +549,8 @@ def render_protocol(proto: dict) -> str:
     head = "| scope | rows (spam) | model F1 | ROC-AUC | recall | FPR |"
     head += " recall drop |" if evasion_cols else ""
     head += BAND_HEAD + " baseline F1 | ROC-AUC | recall | FPR |" + (" recall drop |" if evasion_cols else "")
-    lines += [head, "|---|---:|" + "---:|" * (5 if evasion_cols else 4) + "---|" + "---:|" * (5 if evasion_cols else 4)]
+    side_cols = "---:|" * (5 if evasion_cols else 4)  # each side's numbers; the model's band between them
+    lines += [head, "|---|---:|" + side_cols + "---|" + side_cols]
     for s in proto["scopes"]:
         cells = [s["scope"], f"{s['rows']:,} ({s['spam']:,})"]
         for side in SIDES:
