@@ -138,6 +138,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
                           f"got {cfg.eval.threshold_rule!r}")
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
+    from training.augment import augment_rows
     from training.train import cap_training_rows, epoch_row_sets, exclude_sources, planned_epochs
 
     splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
@@ -149,6 +150,8 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
                                    t.rows_per_source)[0]
         else:
             train = cap_training_rows(train, t.max_rows_per_source, t.max_train_rows, t.seed, t.rows_per_source)
+    # the transformer's augmented copies too (train.augment), so that both learn from the same rows
+    train = augment_rows(train, cfg.train.augment, cfg.train.seed)
     out = Path(out_dir) if out_dir else resolve_path(cfg.train.output_dir) / "baseline"
     _step(f"data {data_dir}: {len(train)} train / {len(val)} validation / {len(test)} test rows", t0)
 

@@ -145,6 +145,9 @@ class TrainConfig:
     # a capped source gives each epoch rows the earlier epochs did not read (while it has any), so the same
     # steps read more distinct rows; epoch 0 reads the rows the caps keep (training/train.epoch_row_sets)
     fresh_rows_per_epoch: bool = False
+    # copies of a share of the training rows rewritten by an evasion perturbation, ham and spam alike, e.g.
+    # {zh_traditional: 0.3}: the training split only (training/augment.py)
+    augment: dict[str, float] = field(default_factory=dict)
     max_eval_rows: int = 0  # 0 = every validation row
     logging_steps: int = 20
     # LP-FT: fit the head as a logistic regression on the frozen mean-pooled features first, then fine-tune

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m training.train --config ...                    # data parallel (DDP)
 
 Steps: prepare the data if needed -> cap the training rows (train.max_rows_per_source, rows_per_source, max_train_rows)
--> build the backbone (vocabulary trimmed to the training texts) -> tokenise through serving.text.Encoder
+-> augment them (train.augment) -> build the backbone (vocabulary trimmed to the training texts) -> tokenise through serving.text.Encoder
 (the same truncation as export and serving) -> Hugging Face Trainer with dynamic padding, length-grouped
 batches, class balancing, best checkpoint by validation PR-AUC and early stopping -> on rank 0: thresholds
 chosen on the validation split (the global one on all of it, per-language ones where a language has
@@ -268,6 +268,12 @@ def _check(cfg: Config) -> None:
     if t.fresh_rows_per_epoch and (t.max_train_rows or t.class_balance == "sampler"):
         raise ConfigError("train.fresh_rows_per_epoch picks each epoch's rows per source: it cannot be combined "
                           "with train.max_train_rows or train.class_balance=sampler")
+    if t.fresh_rows_per_epoch and t.augment:
+        raise ConfigError("train.fresh_rows_per_epoch picks each epoch's rows per source: it cannot be combined "
+                          "with train.augment")
+    from training.augment import check as check_augment
+
+    check_augment(t.augment)
     corpora = sorted(name for name, c in cfg.data.corpora.items() if c.enabled)
     unknown = sorted(set(t.rows_per_source) - set(corpora))
     if unknown:  # a typo would otherwise train on every row of the source meant
@@ -415,6 +421,7 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
     from transformers.utils import logging as hf_logging
 
     from serving.text import Encoder
+    from training.augment import augment_rows
     from training.backbone import load_backbone
     from training.data import ensure_prepared, load_splits
 
@@ -434,8 +441,8 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
         train_rows, epoch_subsets = epoch_row_sets(splits["train"], t.max_rows_per_source, t.seed,
                                                    planned_epochs(cfg, splits["train"], world), t.rows_per_source)
     else:
-        train_rows = cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows, t.seed,
-                                       t.rows_per_source)
+        train_rows = augment_rows(cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows,
+                                                    t.seed, t.rows_per_source), t.augment, t.seed)
     val_rows = splits["validation"]
     val_during = cap_eval_rows(val_rows, t.max_eval_rows, t.seed)
     if len(train_rows) == 0 or len(val_during) == 0:
