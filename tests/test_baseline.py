@@ -68,6 +68,23 @@ def test_baseline_end_to_end(cfg, tmp_path, capsys):
     assert m["test/overall/f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
 
 
+def test_the_baseline_reads_the_transformers_augmented_rows(cfg, tmp_path, capsys):
+    from dataclasses import replace
+
+    from training.data import load_splits
+    from training.evasion import PERTURBATIONS
+
+    settings = B.BaselineSettings(ngram_min=1, ngram_max=2, max_features=5_000, max_chars=300)
+    B.run_baseline(cfg, settings)
+    plain = capsys.readouterr().out
+    aug = replace(cfg, train=replace(cfg.train, augment={"zh_traditional": 1.0}))
+    B.run_baseline(aug, settings)
+    augmented = capsys.readouterr().out
+    train = load_splits(cfg)["train"]
+    changed = sum(PERTURBATIONS["zh_traditional"](t, None) != t for t in train["text"])
+    assert changed > 0 and f" {len(train)} train / " in plain and f" {len(train) + changed} train / " in augmented
+
+
 def test_prepare_texts_cuts_head_and_tail():
     text = "A" * 100 + "B" * 100 + "C" * 100
     (cut,) = B.prepare_texts([text], max_chars=30)

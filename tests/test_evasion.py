@@ -7,7 +7,7 @@ import random
 import pytest
 
 from serving.text import normalize
-from training.evasion import PERTURBATIONS, perturb
+from training.evasion import PERTURBATIONS, UNDONE_BY_NORMALISER, perturb
 
 SPAM = ["WIN a FREE iphone now! Click http://win-prize.com/claim to get your reward",
         "恭喜您中奖了！点击链接 www.prize-cn.top 领取大奖，请联系客服",
@@ -39,7 +39,7 @@ def test_each_perturbation_does_what_it_says():
     assert glyphs != "free access" and glyphs.isascii() is False
 
 
-@pytest.mark.parametrize("name", ["fullwidth", "zero_width", "homoglyph"])
+@pytest.mark.parametrize("name", UNDONE_BY_NORMALISER)
 def test_the_normaliser_undoes_the_cosmetic_ones(name):
     for seed in range(5):
         for text in SPAM:

@@ -319,6 +319,25 @@ def test_fresh_rows_per_epoch_trains_the_same_steps_on_more_distinct_rows(prepar
     assert m["train/steps"] == 2 * 8  # ceil(120 / 16) an epoch: the steps of the capped rows, not of all
 
 
+def test_augment_adds_rewritten_copies_to_the_training_rows_only(prepared, tmp_path, store, capsys):
+    """train.augment.zh_traditional=1.0: every training row that OpenCC's s2t changes is read twice; the
+    validation rows (the threshold) are the prepared ones."""
+    from opencc import OpenCC
+
+    from training.data import load_splits
+
+    splits = load_splits(load_config(SMOKE, SHRINK + [f"data.output_dir={prepared}"]))
+    s2t = OpenCC("s2t")
+    changed = sum(s2t.convert(t) != t for t in splits["train"]["text"])
+    assert changed > 0  # the shrunk smoke mix has Chinese SMS
+    assert main(["--config", SMOKE, *overrides(prepared, tmp_path, "train.augment.zh_traditional=1.0",
+                                               "train.max_steps=2", "train.evaluate_test=false")]) == 0
+    _, found = runs(store)
+    m = found[0].data.metrics
+    assert m["data/train_rows"] == len(splits["train"]) + changed
+    assert m["data/val_rows"] == len(splits["validation"])
+
+
 def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, store, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", SMOKE, *overrides(prepared, tmp_path, "model.backbone=./no/such/model/dir")])
@@ -341,6 +360,8 @@ def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, sto
     (["train.wise_alpha=1.5"], "train.wise_alpha must be in [0, 1]"),
     (["train.rows_per_source.zh_smss=0"], "train.rows_per_source: no enabled corpus zh_smss in data.corpora"),
     (["train.fresh_rows_per_epoch=true", "train.max_train_rows=50"], "cannot be combined with train.max_train_rows"),
+    (["train.fresh_rows_per_epoch=true", "train.augment.zh_traditional=0.5"], "cannot be combined with train.augment"),
+    (["train.augment.leet=0.5"], "train.augment: no perturbation 'leet'"),
 ])
 def test_config_mistakes_fail_before_any_run(prepared, tmp_path, store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:

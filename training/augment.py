@@ -17,12 +17,9 @@ import random
 
 from training.config import ConfigError
 
-# undone by serving/text.py before any model reads the text
-UNDONE_BY_NORMALISER = ("homoglyph", "zero_width", "fullwidth")
-
 
 def check(shares: dict[str, float]) -> None:
-    from training.evasion import PERTURBATIONS
+    from training.evasion import PERTURBATIONS, UNDONE_BY_NORMALISER
 
     for name, share in shares.items():
         if name not in PERTURBATIONS:

@@ -139,6 +139,10 @@ def combined(text: str, rng: random.Random) -> str:
 
 PERTURBATIONS["combined"] = combined
 
+# the ones the shared normaliser undoes (serving/text.py; tests/test_evasion.py checks it): copying training rows
+# through them would only repeat the rows (training/augment.py refuses them)
+UNDONE_BY_NORMALISER = ("fullwidth", "homoglyph", "zero_width")
+
 
 def perturb(texts: list[str], name: str, seed: int) -> list[str]:
     """`texts` perturbed by `name`, one seeded generator per row: the same output on every run."""
