@@ -75,14 +75,19 @@ def test_the_baseline_reads_the_transformers_augmented_rows(cfg, tmp_path, capsy
     from training.evasion import PERTURBATIONS
 
     settings = B.BaselineSettings(ngram_min=1, ngram_max=2, max_features=5_000, max_chars=300)
-    B.run_baseline(cfg, settings)
+    plain_run = B.run_baseline(cfg, settings).run_id
     plain = capsys.readouterr().out
     aug = replace(cfg, train=replace(cfg.train, augment={"zh_traditional": 1.0}))
-    B.run_baseline(aug, settings)
+    aug_run = B.run_baseline(aug, settings).run_id
     augmented = capsys.readouterr().out
     train = load_splits(cfg)["train"]
     changed = sum(PERTURBATIONS["zh_traditional"](t, None) != t for t in train["text"])
     assert changed > 0 and f" {len(train)} train / " in plain and f" {len(train) + changed} train / " in augmented
+    # a comparison picks the baseline that read the same rows as the model, not the newest on the data
+    meta = {"data_hash": MlflowClient().get_run(plain_run).data.tags["data_hash"],
+            "threshold_rule": "max_recall_at_fpr", "target_fpr": 0.05}
+    assert B.find_runs(cfg, meta)[0].info.run_id == plain_run
+    assert B.find_runs(aug, meta)[0].info.run_id == aug_run
 
 
 def test_prepare_texts_cuts_head_and_tail():

@@ -231,11 +231,17 @@ def same_rule_config(cfg: Config, meta: dict) -> Config:
     return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}"])
 
 
+def _augment_of(params: dict) -> dict[str, float]:
+    """`train.augment` of a run from its logged parameters (`train.augment.<name>`; none before it existed)."""
+    return {k.removeprefix("train.augment."): float(v) for k, v in params.items() if k.startswith("train.augment.")}
+
+
 def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     """(the newest finished baseline run on the data of the model described by `meta` whose threshold was chosen
     by the model's rule, every finished baseline run with that rule, newest first). The same rule (`eval.threshold_rule` at
     `eval.target_fpr`) on both sides of a comparison: a baseline whose threshold flags 1% of validation ham
-    against a model's 0.5% says as much about the thresholds as about the models."""
+    against a model's 0.5% says as much about the thresholds as about the models. The baseline must also have
+    read the config's augmented copies (`train.augment`), so that both learnt from the same rows."""
     from mlflow import MlflowClient
 
     from training import tracking
@@ -249,7 +255,8 @@ def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     def same(r) -> bool:
         p = r.data.params
         try:
-            return p.get("eval.threshold_rule") == rule and float(p.get("eval.target_fpr", "nan")) == fpr
+            return (p.get("eval.threshold_rule") == rule and float(p.get("eval.target_fpr", "nan")) == fpr
+                    and _augment_of(p) == cfg.train.augment)
         except ValueError:
             return False
 
