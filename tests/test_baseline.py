@@ -90,6 +90,16 @@ def test_the_baseline_reads_the_transformers_augmented_rows(cfg, tmp_path, capsy
     assert B.find_runs(aug, meta)[0].info.run_id == aug_run
 
 
+def test_a_capped_baseline_pools_the_unread_ham_and_an_uncapped_one_has_none(cfg):
+    from training.config import with_overrides
+
+    settings = B.BaselineSettings(ngram_min=1, ngram_max=2, max_features=5_000, max_chars=300)
+    pooled = with_overrides(cfg, ["eval.threshold_unread_ham=true", "train.max_rows_per_source=40"])
+    capped = B.run_baseline(pooled, settings, capped=True).threshold_choice
+    assert capped["pool"]["rows"] > 0 and capped["val_fpr"] <= 0.05 + 1e-9
+    assert "pool" not in B.run_baseline(pooled, settings).threshold_choice  # it read every training row
+
+
 def test_prepare_texts_cuts_head_and_tail():
     text = "A" * 100 + "B" * 100 + "C" * 100
     (cut,) = B.prepare_texts([text], max_chars=30)

@@ -306,6 +306,39 @@ def test_the_int8_graph_gets_the_models_rule_on_its_own_validation_scores(tiny_m
     assert "thresholds_by_model" not in kept.manifest and not [w for w in kept.warnings if "thresholds" in w]
 
 
+def test_a_model_thresholded_with_unread_ham_gets_the_int8_threshold_the_same_way(tiny_model_dir, tmp_path):
+    """eval.threshold_unread_ham: the int8 graph's own threshold is chosen on its validation scores and on its
+    scores of the training ham the caps leave unread, weighted as the model's was (training.metrics.HamPool)."""
+    from datasets import load_from_disk
+
+    from training.metrics import HamPool, threshold_policy
+    from training.train import unread_ham
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
+    dd = load_from_disk(str(Path(meta["data_dir"]) / "dataset"))
+    val = dd["validation"]
+    cfg = _cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2",
+               "train.max_rows_per_source=6")
+    unread = unread_ham(cfg, dd["train"])
+    assert 0 < len(unread) < sum(1 for y in dd["train"]["label"] if y == 0)
+    policy = {"default": 0.5, "by_lang": {}, "rule": "max_recall_at_fpr", "target_fpr": 0.1,
+              "min_rows": {"ham": 100, "spam": 20}, "per_language": False, "raise_only": False, "languages": {},
+              "global": {"threshold": 0.5, "pool": {"rows": len(unread)}, "spread": {"resamples": 0}}}
+    meta.update(threshold=0.5, thresholds=policy)
+    (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    res = export_bundle(cfg, model_dir, out_root=tmp_path / "bundles", name="pooled", show=False, threads=1)
+    own = res.manifest["thresholds_by_model"]["int8"]
+    int8 = Classifier(load_bundle(res.bundle_dir), variant="int8")
+    pool = HamPool(int8.predict_proba(list(unread["text"])), list(unread["source"]), list(unread["lang"]),
+                   list(val["source"]))
+    want = threshold_policy(val["label"], int8.predict_proba(list(val["text"])), ["x"] * len(val), "max_recall_at_fpr",
+                            0.1, per_language=False, pool=pool)
+    assert own["default"] == pytest.approx(want["default"], rel=1e-9, abs=0)
+    assert own["global"]["pool"]["rows"] == len(unread) and int8.threshold == own["default"]
+
+
 def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):
     from training.quantize import sensitive_nodes
 

@@ -381,3 +381,44 @@ def test_plots_take_per_row_thresholds(tmp_path):
     t = np.array([0.5, 0.5, 0.3, 0.3, 0.5, 0.5])
     paths = P.evaluation_plots(y, p, t, {"lang": ["en", "en", "ko", "ko", "en", "en"]}, tmp_path, prefix="val")
     assert all(x.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in paths)
+
+
+def test_a_ham_pool_keeps_each_sources_share_and_narrows_the_spread():
+    """Two sources: "hard" ham scores high, "easy" ham low; validation has 300 of each. A pool of 3,000 easy
+    and 1,000 hard ham must not shift the rule toward the easy source (each keeps half the weight), and pins
+    the threshold down better than validation alone."""
+    rng = np.random.default_rng(7)
+
+    def ham(source, n):
+        return rng.beta(2, 8, n) if source == "easy" else rng.beta(5, 5, n)
+
+    p_val = np.r_[ham("easy", 300), ham("hard", 300), rng.beta(8, 2, 200)]
+    y_val = np.r_[np.zeros(600, dtype=int), np.ones(200, dtype=int)]
+    sources = ["easy"] * 300 + ["hard"] * 300 + ["spam"] * 200
+    pool = M.HamPool(np.r_[ham("easy", 3000), ham("hard", 1000)], ["easy"] * 3000 + ["hard"] * 1000,
+                     ["en"] * 4000, sources)
+    y, p, langs, w, groups = pool.join(y_val, p_val, np.asarray(["en"] * 800, dtype=object))
+    assert y.size == 4800 and (y[800:] == 0).all() and list(groups[800:802]) == ["easy", "easy"]
+    # every source's ham weighs what its validation ham did: 300 each
+    assert w[(groups == "easy") & (y == 0)].sum() == pytest.approx(300)
+    assert w[(groups == "hard") & (y == 0)].sum() == pytest.approx(300)
+    assert (w[y == 1] == 1).all()
+
+    alone = M.threshold_policy(y_val, p_val, ["en"] * 800, target_fpr=0.02, per_language=False, spread_resamples=100)
+    pooled = M.threshold_policy(y_val, p_val, ["en"] * 800, target_fpr=0.02, per_language=False,
+                                spread_resamples=100, pool=pool)
+    # the weighted FPR at the pooled threshold is the target's, by hand
+    t = pooled["default"]
+    flagged = (p >= t) & (y == 0)
+    assert w[flagged].sum() / w[y == 0].sum() <= 0.02 + 1e-12
+    assert pooled["global"]["val_fpr"] == pytest.approx(w[flagged].sum() / w[y == 0].sum())
+    # unweighted, the 3,000 easy rows would have pulled the threshold down; weighted it stays near the
+    # validation-only choice, and its spread is narrower
+    plain = M.threshold_choice(y, p, target_fpr=0.02)["threshold"]
+    assert plain < t and abs(t - alone["default"]) < abs(plain - alone["default"])
+    sa, sp = alone["global"]["spread"], pooled["global"]["spread"]
+    assert sp["high"] - sp["low"] < (sa["high"] - sa["low"]) * 0.75
+    assert pooled["global"]["pool"] == {"rows": 4000, "by_source": {"easy": 3000, "hard": 1000},
+                                        "origin": "training rows the model did not read"}
+    assert "resamples of validation and the unread ham" in M.spread_text(pooled["global"])
+    assert "pool" not in alone["global"]

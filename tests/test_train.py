@@ -338,6 +338,34 @@ def test_augment_adds_rewritten_copies_to_the_training_rows_only(prepared, tmp_p
     assert m["data/val_rows"] == len(splits["validation"])
 
 
+def test_unread_training_ham_joins_validation_for_the_threshold(prepared, tmp_path, store, capsys):
+    """eval.threshold_unread_ham=true with a cap: the ham rows the cap leaves out are scored and pooled with
+    validation (spamlingo.json says how many of each source), and `make threshold` chooses the same again."""
+    from training.data import load_splits
+    from training.evaluate import rethreshold
+
+    cfg = load_config(SMOKE, SHRINK + [f"data.output_dir={prepared}", "train.max_rows_per_source=30"])
+    train = load_splits(cfg)["train"]
+    read = set(cap_training_rows(train, 30, 0, cfg.train.seed)["id"])
+    unread = [s for rid, s, y in zip(train["id"], train["source"], train["label"]) if y == 0 and rid not in read]
+    assert len(unread) > 50  # much of the shrunk mix's ham (162 rows) is left out at 30 rows a source
+    assert main(["--config", SMOKE, *overrides(prepared, tmp_path, "train.max_rows_per_source=30", "train.max_steps=2",
+                                               "train.evaluate_test=false", "eval.threshold_unread_ham=true")]) == 0
+    assert f"validation and {len(unread)} training ham rows the model did not read" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "run" / "model" / "spamlingo.json").read_text())
+    pool = meta["threshold_choice"]["pool"]
+    assert pool["rows"] == len(unread) and pool["by_source"] == {s: unread.count(s) for s in sorted(set(unread))}
+    assert meta["threshold_choice"]["val_fpr"] <= 0.005 + 1e-9
+    again = rethreshold(tmp_path / "run" / "model", load_config(SMOKE, overrides(
+        prepared, tmp_path, "train.max_rows_per_source=30", "eval.threshold_unread_ham=true")), log=False,
+        progress=False)
+    assert again["default"] == pytest.approx(meta["threshold"], abs=1e-9) and again["global"]["pool"] == pool
+    # without the switch, validation alone (and no pool recorded)
+    alone = rethreshold(tmp_path / "run" / "model", load_config(SMOKE, overrides(prepared, tmp_path)), log=False,
+                        progress=False)
+    assert "pool" not in alone["global"]
+
+
 def test_a_failing_run_ends_failed_with_the_error_logged(prepared, tmp_path, store, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", SMOKE, *overrides(prepared, tmp_path, "model.backbone=./no/such/model/dir")])

@@ -139,7 +139,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
     from training.augment import augment_rows
-    from training.train import cap_training_rows, epoch_row_sets, exclude_sources, planned_epochs
+    from training.train import cap_training_rows, epoch_row_sets, exclude_sources, ham_pool, planned_epochs
 
     splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
     train, val, test = splits["train"], splits["validation"], splits["test"]
@@ -169,7 +169,10 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
 
         p_val = pipe.predict_proba(list(val["text"]))[:, 1]
         e = cfg.eval
-        policy = M.config_threshold_policy(e, val["label"], p_val, list(val["lang"]))
+        # capped (a fold), the rows the transformer did not read are unread here too; uncapped, none are
+        pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: pipe.predict_proba(texts)[:, 1]) \
+            if capped else None
+        policy = M.config_threshold_policy(e, val["label"], p_val, list(val["lang"]), pool)
         choice = policy["global"]
         threshold = policy["default"]
         if choice["note"]:

@@ -177,6 +177,10 @@ class EvalConfig:
     # the global threshold chosen again on this many bootstrap resamples of validation: its 90% interval is
     # printed, kept in spamlingo.json and bundle.json ("spread") and logged; 0 = not measured
     threshold_spread_resamples: int = 200
+    # choose the thresholds on the validation split together with the training split's ham that training did not
+    # read (train.max_rows_per_source leaves most rows of the large sources out), weighted so that each source keeps
+    # its share of validation ham (training.metrics.HamPool): the same rule, pinned down by more rows
+    threshold_unread_ham: bool = False
 
 
 @dataclass

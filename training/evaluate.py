@@ -367,9 +367,15 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     p = predict_proba(model, encoder, list(rows["text"]), cfg.eval.batch_size, mask_digits, progress,
                       desc="validation split")
     e = cfg.eval
+    pool = None
+    if e.threshold_unread_ham:
+        from training.train import ham_pool
+
+        pool = ham_pool(cfg, _split_rows(model_dir, meta, cfg, "train")[0], rows["source"], lambda texts: predict_proba(
+            model, encoder, texts, e.batch_size, mask_digits, progress, desc="unread training ham"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThresholdWarning)
-        policy = config_threshold_policy(e, list(rows["label"]), p, list(rows["lang"]))
+        policy = config_threshold_policy(e, list(rows["label"]), p, list(rows["lang"]), pool)
     before = TH.describe(model_policy(meta))
     meta.update(threshold=policy["default"], thresholds=policy, threshold_rule=e.threshold_rule,
                 target_fpr=e.target_fpr, threshold_choice=policy["global"])

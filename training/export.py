@@ -158,6 +158,8 @@ class ParityData:
     labels: list[int]
     source: str
     whole_validation: bool = False  # every row of the model's validation split: thresholds can be chosen on it
+    sources: list[str] = field(default_factory=list)  # each row's source (validation rows)
+    train: Any = None  # the training split beside that validation split (its unread ham: eval.threshold_unread_ham)
 
 
 def check_export_config(ecfg) -> None:
@@ -198,7 +200,8 @@ def load_parity_data(model_dir: Path, meta: dict, cfg: Config, rows: int) -> Par
                     idx = np.sort(np.random.RandomState(cfg.data.seed).permutation(n)[:rows])
                 sub = split.select(idx.tolist())
                 return ParityData(list(sub["text"]), [int(x) for x in sub["label"]],
-                                  f"validation split of {d} ({len(idx)} of {n} rows)", whole_validation=len(idx) == n)
+                                  f"validation split of {d} ({len(idx)} of {n} rows)", whole_validation=len(idx) == n,
+                                  sources=list(sub["source"]), train=load_from_disk(str(d)).get("train"))
     raise ExportError("no validation data for the parity gates (looked in " + ", ".join(dict.fromkeys(tried))
                       + "): run `make data` with the config the model was trained on")
 
@@ -614,8 +617,8 @@ def export_bundle(
             scores_gate["int8"] = int8_gate.pop("token_scores", None)
         notes = [] if p8 is not None else [f"int8 not shipped: {int8['reason']}"]
 
-        own, why_not = (variant_policy(policy, data, p8, langs) if p8 is not None and ecfg.int8_own_thresholds
-                        else (None, ""))
+        own, why_not = (variant_policy(policy, data, p8, langs, _int8_pool(cfg, policy, data, work, encoder, settings))
+                        if p8 is not None and ecfg.int8_own_thresholds else (None, ""))
         if why_not:
             notes.append(f"int8 served at the model's thresholds: {why_not}")
         n = len(prepared)
@@ -654,9 +657,23 @@ def export_bundle(
     return ExportResult(target, manifest, p8 is not None, parity_table(manifest), notes)
 
 
-def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str]) -> tuple[dict | None, str]:
+def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder, settings):
+    """The unread training ham scored by the int8 graph, when the model's threshold was chosen with it
+    (`eval.threshold_unread_ham`), so that the graph's own threshold is chosen by the same rule; else None."""
+    if not (policy.get("global") or {}).get("pool") or data.train is None or not data.whole_validation:
+        return None
+    from training.config import with_overrides
+    from training.train import ham_pool
+
+    clf = work.classifier("int8")
+    return ham_pool(with_overrides(cfg, ["eval.threshold_unread_ham=true"]), data.train, data.sources,
+                    lambda texts: spam_probability(clf.logits(prepare_texts(encoder, settings, texts))))
+
+
+def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str], pool=None) -> tuple[dict | None, str]:
     """(policy, "") of the model's threshold rule applied again to a graph's own scores on the whole
-    validation split: an int8 graph's scores move a little near the threshold, and the served graph should
+    validation split (and on `pool`, the unread training ham as the graph scores it, when the model's was
+    chosen with it): an int8 graph's scores move a little near the threshold, and the served graph should
     flag the share of validation ham the rule says. (None, why) when that cannot be done."""
     from training.metrics import THRESHOLD_RULES, threshold_policy
 
@@ -671,7 +688,7 @@ def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str]) -> 
                             int(rows.get("ham", 100)), int(rows.get("spam", 20)),
                             per_language=bool(policy.get("per_language", bool(policy.get("by_lang")))),
                             raise_only=bool(policy.get("raise_only", False)),
-                            spread_resamples=int(spread.get("resamples", 0))), ""
+                            spread_resamples=int(spread.get("resamples", 0)), pool=pool), ""
 
 
 # ------------------------------------------------------------------------------------------ MLflow

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -85,7 +86,8 @@ def _lower_midpoint(scores_desc: np.ndarray, t: float) -> float:
     return float((t + lower[0]) / 2.0) if lower.size else float(t)
 
 
-def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01) -> dict:
+def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
+                     sample_weight=None) -> dict:
     """Choose the decision threshold on validation scores and say how.
 
     Rules
@@ -98,27 +100,35 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
 
     Returns {"threshold", "rule", "target_fpr", "met": bool, "note": str, "val_precision", "val_recall",
     "val_fpr", "val_f1"} where the val_* values are measured at the returned threshold.
+
+    `sample_weight` (one per row) weighs the rows in every rate: the pooled ham of `pool_unread_ham`, where a
+    row stands for less than one validation row.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
     if not 0.0 <= target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
     y, p = _arrays(y_true, p_spam)
+    w = None if sample_weight is None else _weights(sample_weight, y.size)
     out = {"rule": rule, "target_fpr": float(target_fpr), "met": True, "note": ""}
     pos, neg = int(y.sum()), int(y.size - y.sum())
+    if w is not None:  # the rates below are weighted; the counts in messages stay rows
+        wpos, wneg = float(w[y == 1].sum()), float(w[y == 0].sum())
+    else:
+        wpos, wneg = pos, neg
     if pos == 0 or neg == 0:
         threshold = 0.5
         out.update(met=False, note=f"validation has {pos} spam and {neg} ham rows: no threshold can be "
                                    f"chosen, using {threshold}")
     else:
         # One candidate per distinct score: flag every row scoring >= it.
-        fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+        fpr, tpr, thr = roc_curve(y, p, sample_weight=w, drop_intermediate=False)
         finite = np.isfinite(thr)  # drop roc_curve's leading +inf (flags nothing)
         fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
-        tp = tpr * pos
-        fp = fpr * neg
+        tp = tpr * wpos
+        fp = fpr * wneg
         if rule == "best_f1":
-            f1 = 2 * tp / (2 * tp + fp + (pos - tp))
+            f1 = 2 * tp / (2 * tp + fp + (wpos - tp))
             best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
             i = int(best[0])  # thresholds are descending: the first tie is the highest threshold
         else:
@@ -136,7 +146,7 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
         threshold = _lower_midpoint(scores_desc, float(thr[i]))
     if out["note"]:
         warnings.warn(out["note"], ThresholdWarning, stacklevel=3)
-    m = binary_metrics(y, p, threshold)
+    m = binary_metrics(y, p, threshold) if w is None else weighted_rates(y, p, w, threshold)
     out.update(threshold=float(threshold), val_precision=m["precision"], val_recall=m["recall"],
                val_fpr=m["fpr"], val_f1=m["f1"])
     return out
@@ -148,27 +158,33 @@ def choose_threshold(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
 
 
 def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
-                     resamples: int = 200, level: float = 0.9, seed: int = 0) -> dict | None:
+                     resamples: int = 200, level: float = 0.9, seed: int = 0, sample_weight=None,
+                     groups=None) -> dict | None:
     """How far `threshold_choice` moves when validation is drawn again: the rule applied to `resamples`
     bootstrap resamples (ham and spam resampled apart, so each keeps its count), summarised as the
     central `level` interval and the median. At a strict FPR target the threshold is one of the few
     highest ham scores (0.5% of 3,000 ham: the 15th), so it moves with whichever ham happen to be in
     validation; a wide interval says the target asks more than the validation split can pin down.
-    Deterministic per `seed`. None when `resamples` is 0 or a class is missing."""
+    Deterministic per `seed`. None when `resamples` is 0 or a class is missing.
+    With `sample_weight`, the rows keep their weights and the ham are resampled within each of their `groups`
+    (the sources of a pooled ham set), so each group keeps its count."""
     if resamples < 0 or not 0.0 < level < 1.0:
         raise ValueError(f"resamples must be >= 0 and level in (0, 1), got {resamples} and {level}")
     y, p = _arrays(y_true, p_spam)
-    ham, spam = p[y == 0], p[y == 1]
-    if resamples == 0 or ham.size == 0 or spam.size == 0:
+    w = np.ones(y.size) if sample_weight is None else _weights(sample_weight, y.size)
+    g = np.zeros(y.size, dtype=object) if groups is None else np.asarray([str(x) for x in groups], dtype=object)
+    if resamples == 0 or not (y == 0).any() or not (y == 1).any():
         return None
     rng = np.random.default_rng(seed)
-    labels = np.r_[np.zeros(ham.size, dtype=int), np.ones(spam.size, dtype=int)]
+    strata = [np.flatnonzero((y == 0) & (g == k)) for k in sorted(set(g[y == 0].tolist()))]
+    strata.append(np.flatnonzero(y == 1))
     found = np.empty(resamples)
     with warnings.catch_warnings():  # a resample that misses the target says so in its own choice only
         warnings.simplefilter("ignore", ThresholdWarning)
         for i in range(resamples):
-            scores = np.r_[rng.choice(ham, ham.size), rng.choice(spam, spam.size)]
-            found[i] = threshold_choice(labels, scores, rule, target_fpr)["threshold"]
+            idx = np.concatenate([rng.choice(rows, rows.size) for rows in strata])
+            found[i] = threshold_choice(y[idx], p[idx], rule, target_fpr,
+                                        None if sample_weight is None else w[idx])["threshold"]
     tail = (1.0 - level) / 2.0
     low, median, high = np.quantile(found, [tail, 0.5, 1.0 - tail])
     return {"low": float(low), "median": float(median), "high": float(high), "level": float(level),
@@ -187,7 +203,8 @@ def _clean(x):
 
 def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall_at_fpr",
                      target_fpr: float = 0.01, min_ham: int = 100, min_spam: int = 20, *,
-                     per_language: bool = True, raise_only: bool = False, spread_resamples: int = 0) -> dict:
+                     per_language: bool = True, raise_only: bool = False, spread_resamples: int = 0,
+                     pool: "HamPool | None" = None) -> dict:
     """The threshold policy (serving/thresholds.py) chosen on validation scores.
 
     - `default`: `threshold_choice` on every validation row (the global threshold, as without languages).
@@ -208,6 +225,10 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     that language at that threshold. `global` is the global `threshold_choice`, with `spread`: the
     `threshold_spread` of the global threshold over `spread_resamples` resamples (None when 0). NaN is
     written as None.
+
+    `pool` (`pool_unread_ham`): ham the model never read joins the validation rows, weighted so that each source
+    keeps its share of validation ham; every rate is then weighted, the counts are rows, and `global["pool"]`
+    says what was pooled.
     """
     from serving.thresholds import GLOBAL, lang_scope
 
@@ -217,8 +238,13 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     lang_arr = np.asarray([str(x) for x in langs], dtype=object)
     if lang_arr.size != y.size:
         raise ValueError(f"langs has {lang_arr.size} values for {y.size} rows")
-    choice = threshold_choice(y, p, rule, target_fpr)
-    choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples)
+    w = groups = None
+    if pool is not None:
+        y, p, lang_arr, w, groups = pool.join(y, p, lang_arr)
+    choice = threshold_choice(y, p, rule, target_fpr, w)
+    choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples, sample_weight=w, groups=groups)
+    if pool is not None:
+        choice["pool"] = pool.describe()
     default = choice["threshold"]
     ham_to_lower = math.inf if target_fpr <= 0 else math.ceil(LOWER_HAM_FACTOR / target_fpr - 1e-9)
     need_ham, need_spam = max(1, int(min_ham)), max(1, int(min_spam))
@@ -227,6 +253,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     for lang in sorted(set(lang_arr.tolist())):
         mask = lang_arr == lang
         yl, pl = y[mask], p[mask]
+        wl = None if w is None else w[mask]
         spam = int(yl.sum())
         ham = int(yl.size - spam)
         threshold, reason, own, mine_used = default, "", None, False
@@ -238,7 +265,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
         else:
             with warnings.catch_warnings():  # a note per language goes into `reason`, not a warning each
                 warnings.simplefilter("ignore", ThresholdWarning)
-                mine = threshold_choice(yl, pl, rule, target_fpr)
+                mine = threshold_choice(yl, pl, rule, target_fpr, wl)
                 own = mine["threshold"]
                 if not mine["met"]:
                     if own > default:
@@ -252,7 +279,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
                     reason = (f"{rule} on its own rows gave {own:.6g}, below the global threshold: global used "
                               "(eval.per_language_lower=false)")
                 else:
-                    strict = threshold_choice(yl, pl, "max_recall_at_fpr", 0.0)
+                    strict = threshold_choice(yl, pl, "max_recall_at_fpr", 0.0, wl)
                     if strict["met"] and strict["threshold"] < default:
                         threshold, mine_used = strict["threshold"], True
                         reason = (f"{rule} on its own rows gave {own:.6g}, below the global threshold with only "
@@ -266,7 +293,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
         if mine_used:
             by_lang[lang] = float(threshold)
             scope = lang_scope(lang)
-        m = binary_metrics(yl, pl, threshold)
+        m = binary_metrics(yl, pl, threshold) if wl is None else weighted_rates(yl, pl, wl, threshold)
         languages[lang] = {"ham": ham, "spam": spam, "scope": scope, "threshold": float(threshold),
                            "own_threshold": _clean(own), "reason": reason,
                            "val_precision": _clean(m["precision"]), "val_recall": _clean(m["recall"]),
@@ -285,12 +312,66 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     }
 
 
-def config_threshold_policy(ecfg, y_val, p_val, langs: Sequence[str]) -> dict:
+def config_threshold_policy(ecfg, y_val, p_val, langs: Sequence[str], pool: "HamPool | None" = None) -> dict:
     """`threshold_policy` with the settings of an `eval` config section (training, evaluation, baseline)."""
     return threshold_policy(y_val, p_val, langs, ecfg.threshold_rule, ecfg.target_fpr, ecfg.threshold_min_ham,
                             ecfg.threshold_min_spam, per_language=ecfg.per_language_thresholds,
                             raise_only=not ecfg.per_language_lower,
-                            spread_resamples=ecfg.threshold_spread_resamples)
+                            spread_resamples=ecfg.threshold_spread_resamples, pool=pool)
+
+
+@dataclass
+class HamPool:
+    """Ham the model never read, scored, to choose the threshold on together with validation
+    (`eval.threshold_unread_ham`): at a strict FPR target the threshold is one of the few highest validation ham
+    scores (0.5% of 2,935: the 15th), and more ham pins it down. Each ham row of a source, validation or
+    pooled, weighs c / (c + u) (c validation and u pooled ham rows of the source), so every source keeps the
+    share of validation ham it has and the rule means what it meant on validation alone."""
+    p: np.ndarray  # the pooled rows' spam probabilities
+    sources: list[str]
+    langs: list[str]
+    val_sources: list[str]  # one per validation row (the weights need each source's validation ham count)
+    origin: str = "training rows the model did not read"
+
+    def join(self, y, p, langs):
+        """(y, p, langs, weights, groups) of validation followed by the pooled ham."""
+        vs = np.asarray(self.val_sources, dtype=object)
+        ps = np.asarray(self.sources, dtype=object)
+        if vs.size != y.size:
+            raise ValueError(f"val_sources has {vs.size} values for {y.size} validation rows")
+        y2 = np.r_[y, np.zeros(len(self.p), dtype=np.int64)]
+        p2 = np.r_[p, np.asarray(self.p, dtype=np.float64)]
+        src = np.r_[vs, ps]
+        w = np.ones(y2.size)
+        for s in set(ps.tolist()):
+            c = int(((vs == s) & (y == 0)).sum())
+            u = int((ps == s).sum())
+            # a source with no validation ham has no share to keep: its pooled rows weigh nothing
+            w[(src == s) & (y2 == 0)] = c / (c + u)
+        return y2, p2, np.r_[langs, np.asarray(self.langs, dtype=object)], w, src
+
+    def describe(self) -> dict:
+        counts: dict[str, int] = {}
+        for s in self.sources:
+            counts[str(s)] = counts.get(str(s), 0) + 1
+        return {"rows": len(self.sources), "by_source": dict(sorted(counts.items())), "origin": self.origin}
+
+
+def weighted_rates(y, p, w, threshold) -> dict:
+    """precision, recall, f1 and fpr at `threshold` with each row counted `w` times (`HamPool`)."""
+    y, p = _arrays(y, p)
+    pred = p >= _row_thresholds(threshold, y.size)
+    tp, fp = float(w[pred & (y == 1)].sum()), float(w[pred & (y == 0)].sum())
+    fn, neg = float(w[~pred & (y == 1)].sum()), float(w[y == 0].sum())
+    return {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "fpr": _ratio(fp, neg)}
+
+
+def _weights(sample_weight, n: int) -> np.ndarray:
+    w = np.asarray(sample_weight, dtype=np.float64).ravel()
+    if w.size != n or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"sample_weight must be {n} finite values >= 0")
+    return w
 
 
 def spread_text(choice: Mapping) -> str:
@@ -298,7 +379,8 @@ def spread_text(choice: Mapping) -> str:
     s = choice.get("spread")
     if not s:
         return ""
-    return (f"{s['level']:.0%} of {s['resamples']} validation resamples choose {s['low']:.4g}-{s['high']:.4g} "
+    of = "resamples of validation and the unread ham" if choice.get("pool") else "validation resamples"
+    return (f"{s['level']:.0%} of {s['resamples']} {of} choose {s['low']:.4g}-{s['high']:.4g} "
             f"(median {s['median']:.4g})")
 
 

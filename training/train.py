@@ -130,6 +130,41 @@ def epoch_row_sets(ds, max_rows_per_source: int, seed: int, epochs: int,
     return ds.select(union), [sorted(position[i] for i in picked) for picked in per_epoch]
 
 
+def unread_ham(cfg: Config, train_split, world_size: int = 1):
+    """The training split's ham rows that training does not read (the per-source caps leave most rows of the
+    large sources out): ham the model never saw, which `eval.threshold_unread_ham` adds to validation to
+    choose the threshold on. The same rows `cap_training_rows` (or `epoch_row_sets`) keeps are left out."""
+    t = cfg.train
+    if t.fresh_rows_per_epoch:
+        read = epoch_row_sets(train_split, t.max_rows_per_source, t.seed,
+                              planned_epochs(cfg, train_split, world_size), t.rows_per_source)[0]
+    else:
+        read = cap_training_rows(train_split, t.max_rows_per_source, t.max_train_rows, t.seed, t.rows_per_source)
+    ids = set(read["id"])
+    return train_split.select([i for i, (rid, y) in enumerate(zip(train_split["id"], train_split["label"]))
+                               if y == 0 and rid not in ids])
+
+
+def ham_pool(cfg: Config, train_split, val_sources, score, world_size: int = 1, show: bool = True):
+    """A `training.metrics.HamPool` of `unread_ham` scored by `score(texts) -> p_spam`, or None when
+    `eval.threshold_unread_ham` is off or training read every ham row."""
+    if not cfg.eval.threshold_unread_ham:
+        return None
+    from training.metrics import HamPool
+
+    rows = unread_ham(cfg, train_split, world_size)
+    if len(rows) == 0:
+        if show:
+            print("threshold: every training ham row was read (no caps): validation alone", flush=True)
+        return None
+    pool = HamPool(score(list(rows["text"])), list(rows["source"]), list(rows["lang"]), list(val_sources))
+    if show:
+        by = ", ".join(f"{s} {n}" for s, n in pool.describe()["by_source"].items())
+        print(f"threshold: validation and {len(rows)} training ham rows the model did not read ({by}), "
+              "weighted to validation's share of each source (eval.threshold_unread_ham)", flush=True)
+    return pool
+
+
 def planned_epochs(cfg: Config, train_split, world_size: int) -> int:
     """How many epochs (whole or begun) the run will start: train.epochs, or what train.max_steps takes."""
     t = cfg.train
@@ -524,7 +559,7 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
         print(f"WiSE-FT: {report['interpolated']} encoder tensors interpolated with the backbone as loaded at alpha "
               f"{t.wise_alpha:g} (kept as trained: {', '.join(report['kept'])})", flush=True)
     result.model_dir, result.metrics = _finish(cfg, trainer, tokenizer, encoder, info, data_dir, splits, run_id,
-                                               interpolation)
+                                               interpolation, world)
     return result
 
 
@@ -533,7 +568,7 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path, splits, run_id: str,
-            interpolation: dict | None = None) -> tuple[Path, dict]:
+            interpolation: dict | None = None, world_size: int = 1) -> tuple[Path, dict]:
     """Rank 0, inside the MLflow run: the threshold policy on the validation split (global + per
     language), the model directory, test evaluation of the saved directory at the same policy, artifacts.
     `interpolation`: what WiSE-FT did to trainer.model, kept in spamlingo.json."""
@@ -551,9 +586,11 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
                           desc="validation split")
     e = cfg.eval
+    pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: predict_proba(
+        model, encoder, texts, e.batch_size, cfg.data.mask_digits, desc="unread training ham"), world_size)
     with warnings.catch_warnings():  # its note is printed below and kept in spamlingo.json
         warnings.simplefilter("ignore", ThresholdWarning)
-        policy = config_threshold_policy(e, y_val, p_val, list(val["lang"]))
+        policy = config_threshold_policy(e, y_val, p_val, list(val["lang"]), pool)
     choice = policy["global"]
     threshold = policy["default"]
 
@@ -564,7 +601,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
         print(f"  {spread}", flush=True)
     for lang, info_l in policy["languages"].items():
         print(f"  lang {lang}: threshold {info_l['threshold']:.6g} ({info_l['scope']}; {info_l['ham']} ham, "
-              f"{info_l['spam']} spam in validation; precision {fmt(info_l['val_precision'])}, recall "
+              f"{info_l['spam']} spam in validation{' and unread ham' if pool else ''}; precision {fmt(info_l['val_precision'])}, recall "
               f"{fmt(info_l['val_recall'])}, FPR {fmt(info_l['val_fpr'])}): {info_l['reason']}", flush=True)
     groups = {"source": list(val["source"]), "lang": list(val["lang"])}
     val_thresholds = TH.thresholds_for(policy, groups["lang"])[0]
