@@ -337,6 +337,8 @@ def test_a_model_thresholded_with_unread_ham_gets_the_int8_threshold_the_same_wa
                             0.1, per_language=False, pool=pool)
     assert own["default"] == pytest.approx(want["default"], rel=1e-9, abs=0)
     assert own["global"]["pool"]["rows"] == len(unread) and int8.threshold == own["default"]
+    assert "int8 thresholds, chosen by the model's rule on its own validation scores and the unread training ham" \
+        in res.table
 
 
 def test_sensitive_nodes_are_the_last_layer_and_embeddings(tiny_bundle):

@@ -617,8 +617,10 @@ def export_bundle(
             scores_gate["int8"] = int8_gate.pop("token_scores", None)
         notes = [] if p8 is not None else [f"int8 not shipped: {int8['reason']}"]
 
-        own, why_not = (variant_policy(policy, data, p8, langs, _int8_pool(cfg, policy, data, work, encoder, settings))
-                        if p8 is not None and ecfg.int8_own_thresholds else (None, ""))
+        own, why_not = None, ""
+        if p8 is not None and ecfg.int8_own_thresholds:
+            pool = _int8_pool(cfg, policy, data, work, encoder, settings, show)
+            own, why_not = variant_policy(policy, data, p8, langs, pool)
         if why_not:
             notes.append(f"int8 served at the model's thresholds: {why_not}")
         n = len(prepared)
@@ -657,7 +659,7 @@ def export_bundle(
     return ExportResult(target, manifest, p8 is not None, parity_table(manifest), notes)
 
 
-def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder, settings):
+def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder, settings, show: bool):
     """The unread training ham scored by the int8 graph, when the model's threshold was chosen with it
     (`eval.threshold_unread_ham`), so that the graph's own threshold is chosen by the same rule; else None."""
     if not (policy.get("global") or {}).get("pool") or data.train is None or not data.whole_validation:
@@ -665,9 +667,19 @@ def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder
     from training.config import with_overrides
     from training.train import ham_pool
 
+    import numpy as np
+    from tqdm.auto import tqdm
+
     clf = work.classifier("int8")
-    return ham_pool(with_overrides(cfg, ["eval.threshold_unread_ham=true"]), data.train, data.sources,
-                    lambda texts: spam_probability(clf.logits(prepare_texts(encoder, settings, texts))))
+
+    def score(texts: list[str]):
+        chunks = range(0, len(texts), 256)
+        return np.concatenate([spam_probability(clf.logits(prepare_texts(encoder, settings, texts[i:i + 256])))
+                               for i in tqdm(chunks, desc="int8 graph: unread training ham", unit="batch",
+                                             disable=not show, leave=False, file=sys.stderr)])
+
+    return ham_pool(with_overrides(cfg, ["eval.threshold_unread_ham=true"]), data.train, data.sources, score,
+                    show=show)
 
 
 def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str], pool=None) -> tuple[dict | None, str]:

@@ -114,7 +114,8 @@ def parity_table(manifest: dict) -> str:
             f"{k.removesuffix('_ms_per_text')} {v:.2f}" for k, v in speed.items() if k.endswith("_ms_per_text"))]
     for variant, own in (manifest.get("thresholds_by_model") or {}).items():
         spread = spread_text(own.get("global") or {})
-        lines.append(f"{variant} thresholds, chosen by the model's rule on its own validation scores: "
+        pooled = " and the unread training ham" if (own.get("global") or {}).get("pool") else ""
+        lines.append(f"{variant} thresholds, chosen by the model's rule on its own validation scores{pooled}: "
                      f"{describe(own)} (the model's: {describe(manifest['thresholds'])})"
                      + (f"; {spread}" if spread else ""))
     lines += ["files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in manifest["files"].items())]
