@@ -664,11 +664,11 @@ def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder
     (`eval.threshold_unread_ham`), so that the graph's own threshold is chosen by the same rule; else None."""
     if not (policy.get("global") or {}).get("pool") or data.train is None or not data.whole_validation:
         return None
-    from training.config import with_overrides
-    from training.train import ham_pool
-
     import numpy as np
     from tqdm.auto import tqdm
+
+    from training.config import with_overrides
+    from training.train import ham_pool
 
     clf = work.classifier("int8")
 

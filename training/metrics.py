@@ -101,8 +101,8 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     Returns {"threshold", "rule", "target_fpr", "met": bool, "note": str, "val_precision", "val_recall",
     "val_fpr", "val_f1"} where the val_* values are measured at the returned threshold.
 
-    `sample_weight` (one per row) weighs the rows in every rate: the pooled ham of `pool_unread_ham`, where a
-    row stands for less than one validation row.
+    `sample_weight` (one per row) weighs the rows in every rate: the pooled ham of a `HamPool`, where a row
+    stands for less than one validation row.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
@@ -226,7 +226,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     `threshold_spread` of the global threshold over `spread_resamples` resamples (None when 0). NaN is
     written as None.
 
-    `pool` (`pool_unread_ham`): ham the model never read joins the validation rows, weighted so that each source
+    `pool` (a `HamPool`): ham the model never read joins the validation rows, weighted so that each source
     keeps its share of validation ham; every rate is then weighted, the counts are rows, and `global["pool"]`
     says what was pooled.
     """
