@@ -312,20 +312,21 @@ def test_a_model_thresholded_with_unread_ham_gets_the_int8_threshold_the_same_wa
     from datasets import load_from_disk
 
     from training.metrics import HamPool, threshold_policy
-    from training.train import unread_ham
+    from training.train import rows_read, unread_ham
 
     model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))
     dd = load_from_disk(str(Path(meta["data_dir"]) / "dataset"))
     val = dd["validation"]
-    cfg = _cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2",
-               "train.max_rows_per_source=6")
-    unread = unread_ham(cfg, dd["train"])
+    # the model's rows_read decides the unread rows, not the export's config (which caps nothing here)
+    cfg = _cfg("export.optimize=false", "export.int8_min_agreement=0.9", "export.int8_max_f1_drop=0.2")
+    read = rows_read(_cfg("train.max_rows_per_source=6"), dd["train"])
+    unread = unread_ham(read, dd["train"])
     assert 0 < len(unread) < sum(1 for y in dd["train"]["label"] if y == 0)
     policy = {"default": 0.5, "by_lang": {}, "rule": "max_recall_at_fpr", "target_fpr": 0.1,
               "min_rows": {"ham": 100, "spam": 20}, "per_language": False, "raise_only": False, "languages": {},
               "global": {"threshold": 0.5, "pool": {"rows": len(unread)}, "spread": {"resamples": 0}}}
-    meta.update(threshold=0.5, thresholds=policy)
+    meta.update(threshold=0.5, thresholds=policy, rows_read=read)
     (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
 
     res = export_bundle(cfg, model_dir, out_root=tmp_path / "bundles", name="pooled", show=False, threads=1)

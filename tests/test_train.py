@@ -356,13 +356,15 @@ def test_unread_training_ham_joins_validation_for_the_threshold(prepared, tmp_pa
     pool = meta["threshold_choice"]["pool"]
     assert pool["rows"] == len(unread) and pool["by_source"] == {s: unread.count(s) for s in sorted(set(unread))}
     assert meta["threshold_choice"]["val_fpr"] <= 0.005 + 1e-9
+    assert meta["rows_read"]["max_rows_per_source"] == 30 and pool["rows_read"] == meta["rows_read"]
+    # make threshold with a config whose caps differ: the model's own rows_read decides the unread rows
     again = rethreshold(tmp_path / "run" / "model", load_config(SMOKE, overrides(
-        prepared, tmp_path, "train.max_rows_per_source=30", "eval.threshold_unread_ham=true")), log=False,
+        prepared, tmp_path, "train.max_rows_per_source=10", "eval.threshold_unread_ham=true")), log=False,
         progress=False)
     assert again["default"] == pytest.approx(meta["threshold"], abs=1e-9) and again["global"]["pool"] == pool
     # without the switch, validation alone (and no pool recorded)
-    alone = rethreshold(tmp_path / "run" / "model", load_config(SMOKE, overrides(prepared, tmp_path)), log=False,
-                        progress=False)
+    alone = rethreshold(tmp_path / "run" / "model", load_config(SMOKE, overrides(
+        prepared, tmp_path, "eval.threshold_unread_ham=false")), log=False, progress=False)
     assert "pool" not in alone["global"]
 
 

@@ -139,7 +139,8 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
     from training.augment import augment_rows
-    from training.train import cap_training_rows, epoch_row_sets, exclude_sources, ham_pool, planned_epochs
+    from training.train import (cap_training_rows, epoch_row_sets, exclude_sources, ham_pool, planned_epochs,
+                                rows_read)
 
     splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
     train, val, test = splits["train"], splits["validation"], splits["test"]
@@ -170,8 +171,8 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
         p_val = pipe.predict_proba(list(val["text"]))[:, 1]
         e = cfg.eval
         # capped (a fold), the rows the transformer did not read are unread here too; uncapped, none are
-        pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: pipe.predict_proba(texts)[:, 1]) \
-            if capped else None
+        pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: pipe.predict_proba(texts)[:, 1],
+                        rows_read(cfg, splits["train"])) if capped else None
         policy = M.config_threshold_policy(e, val["label"], p_val, list(val["lang"]), pool)
         choice = policy["global"]
         threshold = policy["default"]

@@ -371,8 +371,12 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     if e.threshold_unread_ham:
         from training.train import ham_pool
 
-        pool = ham_pool(cfg, _split_rows(model_dir, meta, cfg, "train")[0], rows["source"], lambda texts: predict_proba(
-            model, encoder, texts, e.batch_size, mask_digits, progress, desc="unread training ham"))
+        train = _split_rows(model_dir, meta, cfg, "train")[0]
+        pool = ham_pool(cfg, train, rows["source"], lambda texts: predict_proba(
+            model, encoder, texts, e.batch_size, mask_digits, progress, desc="unread training ham"),
+            meta.get("rows_read"))
+        if pool is not None:  # a model trained before rows_read existed: the caps assumed, kept for make export
+            meta.setdefault("rows_read", pool.rows_read)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThresholdWarning)
         policy = config_threshold_policy(e, list(rows["label"]), p, list(rows["lang"]), pool)

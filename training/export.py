@@ -619,7 +619,7 @@ def export_bundle(
 
         own, why_not = None, ""
         if p8 is not None and ecfg.int8_own_thresholds:
-            pool = _int8_pool(cfg, policy, data, work, encoder, settings, show)
+            pool = _int8_pool(cfg, policy, data, work, encoder, settings, show, meta.get("rows_read"))
             own, why_not = variant_policy(policy, data, p8, langs, pool)
         if why_not:
             notes.append(f"int8 served at the model's thresholds: {why_not}")
@@ -659,7 +659,8 @@ def export_bundle(
     return ExportResult(target, manifest, p8 is not None, parity_table(manifest), notes)
 
 
-def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder, settings, show: bool):
+def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder, settings, show: bool,
+               read: dict | None):
     """The unread training ham scored by the int8 graph, when the model's threshold was chosen with it
     (`eval.threshold_unread_ham`), so that the graph's own threshold is chosen by the same rule; else None."""
     if not (policy.get("global") or {}).get("pool") or data.train is None or not data.whole_validation:
@@ -678,7 +679,7 @@ def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder
                                for i in tqdm(chunks, desc="int8 graph: unread training ham", unit="batch",
                                              disable=not show, leave=False, file=sys.stderr)])
 
-    return ham_pool(with_overrides(cfg, ["eval.threshold_unread_ham=true"]), data.train, data.sources, score,
+    return ham_pool(with_overrides(cfg, ["eval.threshold_unread_ham=true"]), data.train, data.sources, score, read,
                     show=show)
 
 

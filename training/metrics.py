@@ -332,6 +332,7 @@ class HamPool:
     langs: list[str]
     val_sources: list[str]  # one per validation row (the weights need each source's validation ham count)
     origin: str = "training rows the model did not read"
+    rows_read: dict | None = None  # the caps whose complement the pooled rows are (training.train.rows_read)
 
     def join(self, y, p, langs):
         """(y, p, langs, weights, groups) of validation followed by the pooled ham."""
@@ -354,7 +355,8 @@ class HamPool:
         counts: dict[str, int] = {}
         for s in self.sources:
             counts[str(s)] = counts.get(str(s), 0) + 1
-        return {"rows": len(self.sources), "by_source": dict(sorted(counts.items())), "origin": self.origin}
+        return {"rows": len(self.sources), "by_source": dict(sorted(counts.items())), "origin": self.origin,
+                **({"rows_read": self.rows_read} if self.rows_read is not None else {})}
 
 
 def weighted_rates(y, p, w, threshold) -> dict:

@@ -130,38 +130,55 @@ def epoch_row_sets(ds, max_rows_per_source: int, seed: int, epochs: int,
     return ds.select(union), [sorted(position[i] for i in picked) for picked in per_epoch]
 
 
-def unread_ham(cfg: Config, train_split, world_size: int = 1):
-    """The training split's ham rows that training does not read (the per-source caps leave most rows of the
-    large sources out): ham the model never saw, which `eval.threshold_unread_ham` adds to validation to
-    choose the threshold on. The same rows `cap_training_rows` (or `epoch_row_sets`) keeps are left out."""
+def rows_read(cfg: Config, train_split, world_size: int = 1) -> dict:
+    """What decides which training rows a run reads (its caps and seed), kept in spamlingo.json as
+    `rows_read`, so that `make threshold` and `make export` find the run's unread rows whatever config
+    they are given."""
     t = cfg.train
-    if t.fresh_rows_per_epoch:
-        read = epoch_row_sets(train_split, t.max_rows_per_source, t.seed,
-                              planned_epochs(cfg, train_split, world_size), t.rows_per_source)[0]
+    return {"max_rows_per_source": t.max_rows_per_source, "rows_per_source": dict(t.rows_per_source),
+            "max_train_rows": t.max_train_rows, "seed": t.seed, "fresh_rows_per_epoch": t.fresh_rows_per_epoch,
+            "epochs": planned_epochs(cfg, train_split, world_size) if t.fresh_rows_per_epoch else None}
+
+
+def unread_ham(read: dict, train_split):
+    """The training split's ham rows that a run (its `rows_read`) did not read: the per-source caps leave most
+    rows of the large sources out, ham the model never saw, which `eval.threshold_unread_ham` adds to
+    validation to choose the threshold on. The rows `cap_training_rows` (or `epoch_row_sets`) keeps are left out."""
+    if read["fresh_rows_per_epoch"]:
+        kept = epoch_row_sets(train_split, read["max_rows_per_source"], read["seed"], read["epochs"],
+                              read["rows_per_source"])[0]
     else:
-        read = cap_training_rows(train_split, t.max_rows_per_source, t.max_train_rows, t.seed, t.rows_per_source)
-    ids = set(read["id"])
+        kept = cap_training_rows(train_split, read["max_rows_per_source"], read["max_train_rows"], read["seed"],
+                                 read["rows_per_source"])
+    ids = set(kept["id"])
     return train_split.select([i for i, (rid, y) in enumerate(zip(train_split["id"], train_split["label"]))
                                if y == 0 and rid not in ids])
 
 
-def ham_pool(cfg: Config, train_split, val_sources, score, world_size: int = 1, show: bool = True):
+def ham_pool(cfg: Config, train_split, val_sources, score, read: dict | None = None, show: bool = True):
     """A `training.metrics.HamPool` of `unread_ham` scored by `score(texts) -> p_spam`, or None when
-    `eval.threshold_unread_ham` is off or training read every ham row."""
+    `eval.threshold_unread_ham` is off or training read every ham row. `read`: the model's `rows_read`
+    (spamlingo.json); a model that records none was capped as `cfg` says, and the pool says so."""
     if not cfg.eval.threshold_unread_ham:
         return None
     from training.metrics import HamPool
 
-    rows = unread_ham(cfg, train_split, world_size)
+    assumed = read is None
+    read = read or rows_read(cfg, train_split)
+    rows = unread_ham(read, train_split)
     if len(rows) == 0:
         if show:
             print("threshold: every training ham row was read (no caps): validation alone", flush=True)
         return None
-    pool = HamPool(score(list(rows["text"])), list(rows["source"]), list(rows["lang"]), list(val_sources))
+    pool = HamPool(score(list(rows["text"])), list(rows["source"]), list(rows["lang"]), list(val_sources),
+                   rows_read=read, origin="training rows the model did not read"
+                   + (" (as the config caps them: the model records no rows_read)" if assumed else ""))
     if show:
         by = ", ".join(f"{s} {n}" for s, n in pool.describe()["by_source"].items())
         print(f"threshold: validation and {len(rows)} training ham rows the model did not read ({by}), "
-              "weighted to validation's share of each source (eval.threshold_unread_ham)", flush=True)
+              "weighted to validation's share of each source (eval.threshold_unread_ham)"
+              + ("; the model records no rows_read, so the config's caps decide them" if assumed else ""),
+              flush=True)
     return pool
 
 
@@ -586,8 +603,9 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
                           desc="validation split")
     e = cfg.eval
+    read = rows_read(cfg, splits["train"], world_size)
     pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: predict_proba(
-        model, encoder, texts, e.batch_size, cfg.data.mask_digits, desc="unread training ham"), world_size)
+        model, encoder, texts, e.batch_size, cfg.data.mask_digits, desc="unread training ham"), read)
     with warnings.catch_warnings():  # its note is printed below and kept in spamlingo.json
         warnings.simplefilter("ignore", ThresholdWarning)
         policy = config_threshold_policy(e, y_val, p_val, list(val["lang"]), pool)
@@ -619,6 +637,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
         "threshold_rule": cfg.eval.threshold_rule,
         "target_fpr": cfg.eval.target_fpr,
         "threshold_choice": choice,
+        "rows_read": read,  # the caps that decided the training rows (their complement: the unread ham)
         "backbone": cfg.model.backbone,
         "mlflow_run_id": run_id,
         "data_dir": str(data_dir),
