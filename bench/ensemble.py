@@ -77,15 +77,16 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, bundle: st
     from training import ood
     from training.config import resolve_path
     from training.data import ensure_prepared, load_splits
-    from training.evaluate import _split_rows
+    from training.evaluate import _model_data, _split_rows
     from training.train import exclude_sources
 
     cfg = inputs.cfg
     try:
         scorers = {"model": ood.model_scorer(cfg, inputs.model_dir, served_bundle(bundle, inputs), threads),
                    "baseline": ood.baseline_scorer(ood.find_baseline(cfg, inputs.meta))}
-        val_ds = _split_rows(inputs.model_dir, inputs.meta, cfg, "validation")[0]
-        test_ds = _split_rows(inputs.model_dir, inputs.meta, cfg, "test")[0]
+        data = _model_data(inputs.model_dir, inputs.meta, cfg)
+        val_ds = _split_rows(inputs.model_dir, inputs.meta, cfg, "validation", data)[0]
+        test_ds = _split_rows(inputs.model_dir, inputs.meta, cfg, "test", data)[0]
         files = {"unseen_ham": ood.read_rows(cfg.ood.unseen_ham, "unseen_ham"),
                  "eval_sets": ood.read_rows(cfg.ood.eval_sets, "eval_sets"),
                  "hard_negatives": ood.read_rows(cfg.ood.hard_negatives, "hard_negatives")}

@@ -154,8 +154,9 @@ def predict_proba(model, encoder: Encoder, texts: Sequence[str], batch_size: int
 # ------------------------------------------------------------------------------------------ data
 
 
-def _split_rows(model_dir: Path, meta: dict, cfg: Config, split: str):
-    """The split of the data the model was trained on (spamlingo.json's data_dir), else cfg's prepared data."""
+def _model_data(model_dir: Path, meta: dict, cfg: Config):
+    """(the DatasetDict, its directory) of the data the model was trained on (spamlingo.json's data_dir), else
+    cfg's prepared data: loaded once for a caller that reads several splits (`_split_rows(..., data=)`)."""
     from datasets import load_from_disk
 
     data_dir = Path(meta.get("data_dir") or "")
@@ -171,6 +172,12 @@ def _split_rows(model_dir: Path, meta: dict, cfg: Config, split: str):
             print(f"warning: {model_dir} was trained on data {meta['data_hash'][:12]} "
                   f"({meta.get('data_dir')}), not found here; evaluating on {data_dir} "
                   f"({(data_hash_of(data_dir) or '?')[:12]}) instead", file=sys.stderr)
+    return dd, data_dir
+
+
+def _split_rows(model_dir: Path, meta: dict, cfg: Config, split: str, data=None):
+    """The split of the data the model was trained on (`_model_data`, or `data` when already loaded)."""
+    dd, data_dir = data or _model_data(model_dir, meta, cfg)
     if split not in dd:
         raise EvaluateError(f"{data_dir}: no '{split}' split (has {', '.join(dd)})")
     return dd[split], data_dir
@@ -362,7 +369,8 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     check_eval_config(cfg)
     model_dir = Path(model_dir)
     model, encoder, meta = load_model(model_dir)
-    rows, data_dir = _split_rows(model_dir, meta, cfg, "validation")
+    data = _model_data(model_dir, meta, cfg)  # validation, and the training split for the unread ham
+    rows, data_dir = _split_rows(model_dir, meta, cfg, "validation", data)
     mask_digits = bool(meta["text"].get("mask_digits", True))
     p = predict_proba(model, encoder, list(rows["text"]), cfg.eval.batch_size, mask_digits, progress,
                       desc="validation split")
@@ -371,7 +379,7 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     if e.threshold_unread_ham:
         from training.train import ham_pool
 
-        train = _split_rows(model_dir, meta, cfg, "train")[0]
+        train = _split_rows(model_dir, meta, cfg, "train", data)[0]
         pool = ham_pool(cfg, train, rows["source"], lambda texts: predict_proba(
             model, encoder, texts, e.batch_size, mask_digits, progress, desc="unread training ham"),
             meta.get("rows_read"))

@@ -191,7 +191,8 @@ def load_parity_data(model_dir: Path, meta: dict, cfg: Config, rows: int) -> Par
             if (d / "dataset_dict.json").exists():
                 from datasets import load_from_disk
 
-                split = load_from_disk(str(d)).get("validation")
+                dd = load_from_disk(str(d))
+                split = dd.get("validation")
                 if split is None or len(split) == 0:
                     continue
                 n = len(split)
@@ -201,7 +202,7 @@ def load_parity_data(model_dir: Path, meta: dict, cfg: Config, rows: int) -> Par
                 sub = split.select(idx.tolist())
                 return ParityData(list(sub["text"]), [int(x) for x in sub["label"]],
                                   f"validation split of {d} ({len(idx)} of {n} rows)", whole_validation=len(idx) == n,
-                                  sources=list(sub["source"]), train=load_from_disk(str(d)).get("train"))
+                                  sources=list(sub["source"]), train=dd.get("train"))
     raise ExportError("no validation data for the parity gates (looked in " + ", ".join(dict.fromkeys(tried))
                       + "): run `make data` with the config the model was trained on")
 
