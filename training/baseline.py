@@ -139,18 +139,13 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
     from training.augment import augment_rows
-    from training.train import (cap_training_rows, epoch_row_sets, exclude_sources, ham_pool, planned_epochs,
-                                rows_read)
+    from training.train import exclude_sources, ham_pool, rows_kept, rows_read
 
     splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
     train, val, test = splits["train"], splits["validation"], splits["test"]
-    if capped:
-        t = cfg.train
-        if t.fresh_rows_per_epoch:  # every row the transformer's epochs read
-            train = epoch_row_sets(train, t.max_rows_per_source, t.seed, planned_epochs(cfg, train, 1),
-                                   t.rows_per_source)[0]
-        else:
-            train = cap_training_rows(train, t.max_rows_per_source, t.max_train_rows, t.seed, t.rows_per_source)
+    read = rows_read(cfg, train)
+    if capped:  # every row the transformer reads (all its epochs' with fresh_rows_per_epoch)
+        train = rows_kept(read, train)
     # the transformer's augmented copies too (train.augment), so that both learn from the same rows
     train = augment_rows(train, cfg.train.augment, cfg.train.seed)
     out = Path(out_dir) if out_dir else resolve_path(cfg.train.output_dir) / "baseline"
@@ -172,7 +167,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
         e = cfg.eval
         # capped (a fold), the rows the transformer did not read are unread here too; uncapped, none are
         pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: pipe.predict_proba(texts)[:, 1],
-                        rows_read(cfg, splits["train"])) if capped else None
+                        read) if capped else None
         policy = M.config_threshold_policy(e, val["label"], p_val, list(val["lang"]), pool)
         choice = policy["global"]
         threshold = policy["default"]

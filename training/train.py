@@ -140,17 +140,21 @@ def rows_read(cfg: Config, train_split, world_size: int = 1) -> dict:
             "epochs": planned_epochs(cfg, train_split, world_size) if t.fresh_rows_per_epoch else None}
 
 
+def rows_kept(read: dict, train_split):
+    """The training rows a run (its `rows_read`) reads: what `cap_training_rows` keeps, or with
+    fresh_rows_per_epoch every row `epoch_row_sets` gives its epochs."""
+    if read["fresh_rows_per_epoch"]:
+        return epoch_row_sets(train_split, read["max_rows_per_source"], read["seed"], read["epochs"],
+                              read["rows_per_source"])[0]
+    return cap_training_rows(train_split, read["max_rows_per_source"], read["max_train_rows"], read["seed"],
+                             read["rows_per_source"])
+
+
 def unread_ham(read: dict, train_split):
     """The training split's ham rows that a run (its `rows_read`) did not read: the per-source caps leave most
     rows of the large sources out, ham the model never saw, which `eval.threshold_unread_ham` adds to
-    validation to choose the threshold on. The rows `cap_training_rows` (or `epoch_row_sets`) keeps are left out."""
-    if read["fresh_rows_per_epoch"]:
-        kept = epoch_row_sets(train_split, read["max_rows_per_source"], read["seed"], read["epochs"],
-                              read["rows_per_source"])[0]
-    else:
-        kept = cap_training_rows(train_split, read["max_rows_per_source"], read["max_train_rows"], read["seed"],
-                                 read["rows_per_source"])
-    ids = set(kept["id"])
+    validation to choose the threshold on."""
+    ids = set(rows_kept(read, train_split)["id"])
     return train_split.select([i for i, (rid, y) in enumerate(zip(train_split["id"], train_split["label"]))
                                if y == 0 and rid not in ids])
 
@@ -619,7 +623,8 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
         print(f"  {spread}", flush=True)
     for lang, info_l in policy["languages"].items():
         print(f"  lang {lang}: threshold {info_l['threshold']:.6g} ({info_l['scope']}; {info_l['ham']} ham, "
-              f"{info_l['spam']} spam in validation{' and unread ham' if pool else ''}; precision {fmt(info_l['val_precision'])}, recall "
+              f"{info_l['spam']} spam in validation{' and unread ham' if pool else ''}; precision "
+              f"{fmt(info_l['val_precision'])}, recall "
               f"{fmt(info_l['val_recall'])}, FPR {fmt(info_l['val_fpr'])}): {info_l['reason']}", flush=True)
     groups = {"source": list(val["source"]), "lang": list(val["lang"])}
     val_thresholds = TH.thresholds_for(policy, groups["lang"])[0]
