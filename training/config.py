@@ -211,7 +211,7 @@ class OodConfig:
     """The out-of-distribution benchmark (training/ood.py, `make ood`). Files are labelled CSV/JSONL."""
 
     unseen_ham: list[str] = field(default_factory=list)  # ham from sources outside the training mix
-    eval_sets: list[str] = field(default_factory=list)  # labelled sets never used for training/thresholds
+    eval_sets: list[str] = field(default_factory=list)  # labelled, never used for training (first: headline)
     hard_negatives: list[str] = field(default_factory=list)  # legitimate messages that look like spam
     evasion_spam_rows: int = 400  # test-split spam rows perturbed (sampled by seed, stratified by source)
     evasion_ham_rows: int = 1000  # clean test-split ham rows scored beside them

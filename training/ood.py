@@ -7,7 +7,9 @@ Protocols (configured in the config's `ood:` section):
 - `unseen_ham`: ham from sources outside the training mix (`ood.unseen_ham`), FPR per language (and per
   Chinese script) at the shipped thresholds. Nothing else to score: every row is ham.
 - `eval_sets`: labelled sets written apart from the training data and never used for training or for the
-  threshold (`ood.eval_sets`), per language.
+  threshold (`ood.eval_sets`), per language. The first file is the headline set: its scopes are `overall` and
+  `lang:<tag>`, the names every earlier run logged; each further file adds `set:<stem>`, `set:<stem>:lang:<tag>`
+  and `set:<stem>:script:<script>` (where its rows say their script).
 - `evasion`: test-split spam perturbed by code (training/evasion.py), each perturbation scored beside the
   same clean test ham: recall drop against the same spam unperturbed; plus the hard-negative ham
   (`ood.hard_negatives`), FPR per language.
@@ -201,10 +203,12 @@ def scope_entry(scope: str, y, scored: dict[str, Scored], idx=None) -> dict:
     return entry
 
 
-def _lang_scopes(langs: Sequence[str], y, scored, prefix: str = "lang:", min_rows: int = 1) -> list[dict]:
-    langs = np.asarray(langs)
-    return [scope_entry(f"{prefix}{lang}", y, scored, np.flatnonzero(langs == lang))
-            for lang in sorted(set(langs.tolist())) if (langs == lang).sum() >= min_rows]
+def _group_scopes(groups: Sequence[str], y, scored, prefix: str = "lang:", min_rows: int = 1) -> list[dict]:
+    """A scope `<prefix><group>` per distinct value of `groups` (a language tag, a script, ...; "" is in no
+    group) that has at least `min_rows` rows."""
+    groups = np.asarray(groups)
+    return [scope_entry(f"{prefix}{g}", y, scored, np.flatnonzero(groups == g))
+            for g in sorted(set(groups.tolist()) - {""}) if (groups == g).sum() >= min_rows]
 
 
 def _score_both(scorers: dict[str, Scorer], texts: list[str]) -> tuple[dict[str, Scored], list[str]]:
@@ -256,10 +260,8 @@ def unseen_ham(cfg: Config, scorers: dict[str, Scorer]) -> dict:
     if y.any():
         raise OodError("ood.unseen_ham: the files must hold ham only")
     scored, langs = _score_both(scorers, texts)
-    scopes = [scope_entry("overall", y, scored)] + _lang_scopes(langs, y, scored)
-    scripts = np.array([r["script"] or "" for r in rows])
-    for script in sorted(set(scripts.tolist()) - {""}):
-        scopes.append(scope_entry(f"script:{script}", y, scored, np.flatnonzero(scripts == script)))
+    scopes = [scope_entry("overall", y, scored)] + _group_scopes(langs, y, scored)
+    scopes += _group_scopes([r["script"] or "" for r in rows], y, scored, prefix="script:")
     return {"name": "unseen_ham", "description": "ham from sources outside the training mix: FPR at the "
             "shipped thresholds", "files": list(cfg.ood.unseen_ham), "scopes": scopes}
 
@@ -270,7 +272,16 @@ def eval_sets(cfg: Config, scorers: dict[str, Scorer]) -> dict:
         raise OodError("ood.eval_sets names no file")
     texts, y = [r["text"] for r in rows], np.array([r["label"] for r in rows])
     scored, langs = _score_both(scorers, texts)
-    scopes = [scope_entry("overall", y, scored)] + _lang_scopes(langs, y, scored, min_rows=10)
+    files, langs = np.array([r["file"] for r in rows]), np.asarray(langs)
+    scripts = np.array([r["script"] or "" for r in rows])
+    scopes = []
+    for i, name in enumerate(dict.fromkeys(files.tolist())):  # in the config's order; the first keeps its names
+        mine = files == name
+        prefix = f"set:{Path(name).stem}:" if i else ""
+        scopes.append(scope_entry(prefix.rstrip(":") or "overall", y, scored, np.flatnonzero(mine)))
+        scopes += _group_scopes(np.where(mine, langs, ""), y, scored, prefix=f"{prefix}lang:", min_rows=10)
+        if i:
+            scopes += _group_scopes(np.where(mine, scripts, ""), y, scored, prefix=f"{prefix}script:", min_rows=10)
     return {"name": "eval_sets", "description": "labelled sets written apart from the training data",
             "files": list(cfg.ood.eval_sets), "scopes": scopes}
 
@@ -339,7 +350,7 @@ def evasion(cfg: Config, scorers: dict[str, Scorer], test) -> dict:
         texts_h, y_h = [r["text"] for r in hard], np.zeros(len(hard), dtype=int)
         scored_h, langs_h = _score_both(scorers, texts_h)
         scopes.append(scope_entry("hard_negative_ham", y_h, scored_h))
-        scopes += _lang_scopes(langs_h, y_h, scored_h, prefix="hard_negative_ham:lang:")
+        scopes += _group_scopes(langs_h, y_h, scored_h, prefix="hard_negative_ham:lang:")
     return {"name": "evasion", "description": "test-split spam perturbed by code beside clean test ham "
             "(recall drop against the same spam unperturbed); hard-negative ham (FPR)",
             "spam_rows": ns, "ham_rows": nh, "seed": o.seed, "examples": examples,
@@ -424,7 +435,7 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
         if len(set(srcs.tolist())) > 1:
             fold_scopes += [scope_entry(f"{name}:source:{s}", y, scored, np.flatnonzero(srcs == s))
                             for s in sorted(set(srcs.tolist()))]
-        fold_scopes += _lang_scopes(langs, y, scored, prefix=f"{name}:lang:", min_rows=20)
+        fold_scopes += _group_scopes(langs, y, scored, prefix=f"{name}:lang:", min_rows=20)
         scopes += fold_scopes
         folds_out.append({"fold": name, "exclude": list(fold.exclude), "test_rows": len(rows),
                           "model_dir": str(model_dir), "seconds": round(time.perf_counter() - t0, 1)})

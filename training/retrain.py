@@ -130,7 +130,7 @@ def compare(cfg: Config, cand_cfg: Config, scorers: dict, progress=print) -> tup
     texts, y = list(test["text"]), np.asarray(test["label"], dtype=int)
     progress(f"retrain: scoring the test split ({len(y)} rows) with both models ...")
     scored, langs = ood._score_both(scorers, texts)
-    entries = [ood.scope_entry("overall", y, scored)] + ood._lang_scopes(langs, y, scored)
+    entries = [ood.scope_entry("overall", y, scored)] + ood._group_scopes(langs, y, scored)
     gates = scope_gates("test", entries, cfg)
     measured = {"test": entries}
     fb = np.flatnonzero(np.asarray(test["source"]) == cfg.retrain.feedback_corpus)
