@@ -9,7 +9,7 @@ Protocols (configured in the config's `ood:` section):
 - `eval_sets`: labelled sets written apart from the training data and never used for training or for the
   threshold (`ood.eval_sets`), per language. The first file is the headline set: its scopes are `overall` and
   `lang:<tag>`, the names every earlier run logged; each further file adds `set:<stem>`, `set:<stem>:lang:<tag>`
-  and `set:<stem>:script:<script>` (where its rows say their script).
+  (when it has more than one language) and `set:<stem>:script:<script>` (where its rows say their script).
 - `evasion`: test-split spam perturbed by code (training/evasion.py), each perturbation scored beside the
   same clean test ham: recall drop against the same spam unperturbed; plus the hard-negative ham
   (`ood.hard_negatives`), FPR per language.
@@ -279,7 +279,8 @@ def eval_sets(cfg: Config, scorers: dict[str, Scorer]) -> dict:
         mine = files == name
         prefix = f"set:{Path(name).stem}:" if i else ""
         scopes.append(scope_entry(prefix.rstrip(":") or "overall", y, scored, np.flatnonzero(mine)))
-        scopes += _group_scopes(np.where(mine, langs, ""), y, scored, prefix=f"{prefix}lang:", min_rows=10)
+        if i == 0 or len(set(langs[mine].tolist())) > 1:  # a one-language set's lang scope would repeat it
+            scopes += _group_scopes(np.where(mine, langs, ""), y, scored, prefix=f"{prefix}lang:", min_rows=10)
         if i:
             scopes += _group_scopes(np.where(mine, scripts, ""), y, scored, prefix=f"{prefix}script:", min_rows=10)
     return {"name": "eval_sets", "description": "labelled sets written apart from the training data",
