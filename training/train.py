@@ -175,7 +175,7 @@ def ham_pool(cfg: Config, train_split, val_sources, score, read: dict | None = N
             print("threshold: every training ham row was read (no caps): validation alone", flush=True)
         return None
     pool = HamPool(score(list(rows["text"])), list(rows["source"]), list(rows["lang"]), list(val_sources),
-                   rows_read=read, origin="training rows the model did not read"
+                   rows_read=read, origin=HamPool.origin
                    + (" (as the config caps them: the model records no rows_read)" if assumed else ""))
     if show:
         by = ", ".join(f"{s} {n}" for s, n in pool.describe()["by_source"].items())
@@ -493,12 +493,12 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
         data_dir = ensure_prepared(cfg)
     splits = exclude_sources(load_splits(cfg), t.exclude_sources)
     epoch_subsets = None
-    if t.fresh_rows_per_epoch:
-        train_rows, epoch_subsets = epoch_row_sets(splits["train"], t.max_rows_per_source, t.seed,
-                                                   planned_epochs(cfg, splits["train"], world), t.rows_per_source)
+    read = rows_read(cfg, splits["train"], world)  # the rows this run reads, recorded by _finish
+    if read["fresh_rows_per_epoch"]:
+        train_rows, epoch_subsets = epoch_row_sets(splits["train"], read["max_rows_per_source"], read["seed"],
+                                                   read["epochs"], read["rows_per_source"])
     else:
-        train_rows = augment_rows(cap_training_rows(splits["train"], t.max_rows_per_source, t.max_train_rows,
-                                                    t.seed, t.rows_per_source), t.augment, t.seed)
+        train_rows = augment_rows(rows_kept(read, splits["train"]), t.augment, t.seed)
     val_rows = splits["validation"]
     val_during = cap_eval_rows(val_rows, t.max_eval_rows, t.seed)
     if len(train_rows) == 0 or len(val_during) == 0:
@@ -580,7 +580,7 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
         print(f"WiSE-FT: {report['interpolated']} encoder tensors interpolated with the backbone as loaded at alpha "
               f"{t.wise_alpha:g} (kept as trained: {', '.join(report['kept'])})", flush=True)
     result.model_dir, result.metrics = _finish(cfg, trainer, tokenizer, encoder, info, data_dir, splits, run_id,
-                                               interpolation, world)
+                                               read, interpolation)
     return result
 
 
@@ -589,10 +589,11 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path, splits, run_id: str,
-            interpolation: dict | None = None, world_size: int = 1) -> tuple[Path, dict]:
+            read: dict, interpolation: dict | None = None) -> tuple[Path, dict]:
     """Rank 0, inside the MLflow run: the threshold policy on the validation split (global + per
     language), the model directory, test evaluation of the saved directory at the same policy, artifacts.
-    `interpolation`: what WiSE-FT did to trainer.model, kept in spamlingo.json."""
+    `read`: the run's rows_read (its unread ham joins validation); `interpolation`: what WiSE-FT did to
+    trainer.model; both kept in spamlingo.json."""
     import mlflow
 
     from serving import thresholds as TH
@@ -607,7 +608,6 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     p_val = predict_proba(model, encoder, list(val["text"]), cfg.eval.batch_size, cfg.data.mask_digits,
                           desc="validation split")
     e = cfg.eval
-    read = rows_read(cfg, splits["train"], world_size)
     pool = ham_pool(cfg, splits["train"], val["source"], lambda texts: predict_proba(
         model, encoder, texts, e.batch_size, cfg.data.mask_digits, desc="unread training ham"), read)
     with warnings.catch_warnings():  # its note is printed below and kept in spamlingo.json
