@@ -43,6 +43,11 @@ def test_binary_metrics_match_sklearn(scores):
     assert m["fpr"] == pytest.approx(fp / (fp + tn))
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert m["pr_auc"] == pytest.approx(average_precision_score(y, p))
+    # without ranking: the same counts and rates, the threshold-free metrics left undefined
+    quick = M.binary_metrics(y, p, t, ranking=False)
+    ranked = ("roc_auc", "pr_auc", "recall_at_fpr_1pct", "recall_at_fpr_0.1pct")
+    assert all(np.isnan(quick[k]) for k in ranked)
+    assert {k: v for k, v in quick.items() if k not in ranked} == {k: v for k, v in m.items() if k not in ranked}
 
 
 def test_recall_at_fpr_brute_force(scores):

@@ -407,9 +407,10 @@ def threshold_value(threshold) -> float:
     return float(t[0]) if t.size and (t == t[0]).all() else math.nan
 
 
-def binary_metrics(y_true, p_spam, threshold) -> dict:
+def binary_metrics(y_true, p_spam, threshold, ranking: bool = True) -> dict:
     """Metrics of one group at `threshold`: a float, or an array of per-row thresholds (each row flagged
-    iff its p_spam >= its threshold, as with per-language thresholds).
+    iff its p_spam >= its threshold, as with per-language thresholds). `ranking=False` leaves the
+    threshold-free metrics (roc_auc, pr_auc, recall_at_fpr_*) NaN instead of computing them.
 
     Returns {"support", "positives", "negatives", "tp", "fp", "tn", "fn", "threshold", "precision",
     "recall", "f1", "fpr", "accuracy", "roc_auc", "pr_auc" (average precision), "recall_at_fpr_1pct",
@@ -425,6 +426,7 @@ def binary_metrics(y_true, p_spam, threshold) -> dict:
     tn = int(np.sum(~pred & (y == 0)))
     pos, neg = tp + fn, fp + tn
     two_classes = pos > 0 and neg > 0
+    ranked = two_classes and ranking
     return {
         "support": int(y.size),
         "positives": pos,
@@ -439,10 +441,10 @@ def binary_metrics(y_true, p_spam, threshold) -> dict:
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "fpr": _ratio(fp, neg),
         "accuracy": _ratio(tp + tn, y.size),
-        "roc_auc": float(roc_auc_score(y, p)) if two_classes else math.nan,
-        "pr_auc": float(average_precision_score(y, p)) if two_classes else math.nan,
-        "recall_at_fpr_1pct": recall_at_fpr(y, p, 0.01) if two_classes else math.nan,
-        "recall_at_fpr_0.1pct": recall_at_fpr(y, p, 0.001) if two_classes else math.nan,
+        "roc_auc": float(roc_auc_score(y, p)) if ranked else math.nan,
+        "pr_auc": float(average_precision_score(y, p)) if ranked else math.nan,
+        "recall_at_fpr_1pct": recall_at_fpr(y, p, 0.01) if ranked else math.nan,
+        "recall_at_fpr_0.1pct": recall_at_fpr(y, p, 0.001) if ranked else math.nan,
     }
 
 

@@ -161,11 +161,12 @@ def find_baseline(cfg: Config, meta: dict, train_if_missing: bool = True) -> Pat
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def side_metrics(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict:
-    """f1, roc_auc, recall, fpr of one side on one scope (None where undefined)."""
+def side_metrics(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, ranking: bool = True) -> dict:
+    """f1, roc_auc, recall, fpr of one side on one scope (None where undefined; roc_auc None without
+    `ranking`, for a second threshold on the same scores)."""
     from training.metrics import binary_metrics
 
-    m = binary_metrics(y, p, thresholds)
+    m = binary_metrics(y, p, thresholds, ranking=ranking)
 
     def clean(v):
         return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
@@ -197,7 +198,8 @@ def scope_entry(scope: str, y, scored: dict[str, Scored], idx=None) -> dict:
         entry[side] = side_metrics(y[idx], p, np.asarray(sc.thr)[idx])
         if sc.band:
             entry[side]["at_spread"] = {
-                end: {"threshold": t, **{k: v for k, v in side_metrics(y[idx], p, np.full(len(idx), t)).items()
+                end: {"threshold": t, **{k: v for k, v in side_metrics(y[idx], p, np.full(len(idx), t),
+                                                                        ranking=False).items()
                                          if k != "roc_auc"}}
                 for end, t in zip(("low", "high"), sc.band)}
     return entry
