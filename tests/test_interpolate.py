@@ -83,3 +83,76 @@ def test_command_line_errors_are_one_line(tiny_mean_model_dir, capsys):
             main(["--config", "configs/smoke.yaml", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def _other_run(src, dst, shift: float, **meta_updates):
+    """A copy of the model directory `src` whose every floating-point weight is moved by `shift`: another
+    run of the same recipe, as far as averaging is concerned."""
+    shutil.copytree(src, dst)
+    model = load_classifier(dst)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(shift)
+    model.save_pretrained(dst)
+    meta = json.loads((dst / "spamlingo.json").read_text(encoding="utf-8"))
+    meta.update(meta_updates)
+    (dst / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
+    return dst
+
+
+def test_with_another_run_averages_the_two_models(tiny_mean_model_dir, tmp_path, capsys):
+    cfg = load_config("configs/smoke.yaml", ["eval.per_language_thresholds=false", "eval.threshold_unread_ham=true"])
+    a = tmp_path / "a" / "model"
+    shutil.copytree(tiny_mean_model_dir, a)
+    b = _other_run(tiny_mean_model_dir, tmp_path / "b" / "model", 1.0, mlflow_run_id="run-b")
+    before = load_classifier(a).state_dict()
+    out = run(a, cfg, 0.5, other_dir=b)
+    assert out == tmp_path / "a" / "model-avg0.5"
+    averaged = load_classifier(out).state_dict()
+    for name in ("bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.word_embeddings.weight",
+                 "classifier.weight"):  # same vocabulary: every tensor, the embeddings and the head too
+        assert torch.allclose(averaged[name], before[name] + 0.5), name
+    meta = json.loads((out / "spamlingo.json").read_text(encoding="utf-8"))
+    assert meta["mlflow_run_id"] is None and "interpolation" not in meta  # the runs' own record is untouched
+    avg = meta["averaged_with"]
+    assert avg["alpha"] == 0.5 and avg["other"] == str(b.resolve()) and avg["other_mlflow_run_id"] == "run-b"
+    assert avg["same_rows_read"] and avg["interpolated_tensors"] == len(averaged) - len(avg["kept_as_trained"])
+    assert "thresholds global 0.5 -> global" in capsys.readouterr().out
+
+    # runs that read different training rows: the threshold on validation alone (no unread-ham pool)
+    for d, rows in ((a, {"max_rows_per_source": 10}), (b, {"max_rows_per_source": 20})):
+        meta = json.loads((d / "spamlingo.json").read_text(encoding="utf-8"))
+        (d / "spamlingo.json").write_text(json.dumps({**meta, "rows_read": rows}), encoding="utf-8")
+    out = run(a, cfg, 0.5, out_dir=tmp_path / "ab", other_dir=b)
+    assert "chosen on validation alone" in capsys.readouterr().out
+    meta = json.loads((out / "spamlingo.json").read_text(encoding="utf-8"))
+    assert not meta["averaged_with"]["same_rows_read"] and not meta["thresholds"]["global"].get("pool")
+
+
+def test_with_another_vocabulary_keeps_this_runs_embeddings_only_if_frozen(tiny_mean_model_dir, tmp_path):
+    cfg = load_config("configs/smoke.yaml", ["eval.per_language_thresholds=false"])
+    a = tmp_path / "a"
+    shutil.copytree(tiny_mean_model_dir, a)
+    b = _other_run(tiny_mean_model_dir, tmp_path / "b", 1.0)
+    with (b / "tokenizer.json").open("a", encoding="utf-8") as f:
+        f.write("\n")  # another trimmed vocabulary, as far as the check can tell
+    with pytest.raises(InterpolateError, match="different vocabularies and trained word embeddings"):
+        run(a, cfg, 0.5, other_dir=b)
+    frozen = {"backbone_info": {"frozen": {"word_embeddings": True}}}
+    for d in (a, b):
+        meta = json.loads((d / "spamlingo.json").read_text(encoding="utf-8"))
+        (d / "spamlingo.json").write_text(json.dumps({**meta, **frozen}), encoding="utf-8")
+    before = load_classifier(a).state_dict()
+    averaged = load_classifier(run(a, cfg, 0.5, other_dir=b)).state_dict()
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(averaged[emb], before[emb])  # this run's rows, pretrained in a real frozen model
+    layer = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(averaged[layer], before[layer] + 0.5)
+    # other text settings, or the same run twice, are refused
+    c = _other_run(tiny_mean_model_dir, tmp_path / "c", 0.0,
+                   text={**json.loads((a / "spamlingo.json").read_text(encoding="utf-8"))["text"], "max_length": 9})
+    with pytest.raises(InterpolateError, match="other text settings"):
+        run(a, cfg, 0.5, other_dir=c)
+    with pytest.raises(InterpolateError, match="another run than --run"):
+        run(a, cfg, 0.5, other_dir=a)

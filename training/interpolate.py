@@ -11,10 +11,17 @@ The result is a new model directory whose thresholds are chosen again on its val
 
     make interpolate RUN=<run id or model dir> ALPHA=0.5     # -> <model dir>-wise0.5
     make export RUN=<model dir>-wise0.5
+
+With `--with <other run>` the other end is another run of the same recipe instead of the pretrained backbone:
+a weight average of two fine-tuned models ("model soup", Wortsman et al. 2022), e.g. two seeds. Both start
+from the same pretrained weights; their trimmed vocabularies may differ, so the word embeddings stay this
+run's, which needs them frozen (pretrained rows) in both. Each run's unread training ham may be the other's
+training rows, so the threshold is chosen on validation alone unless both read the same rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -76,9 +83,37 @@ def pretrained_state(backbone: str, cache_dir: str) -> dict:
                                f"{str(e).splitlines()[0]}") from None
 
 
-def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrained: dict | None = None) -> Path:
-    """Interpolate `model_dir` into `out_dir` (default: `<model_dir>-wise<alpha>`), choose its thresholds
-    again with `cfg.eval` and return it."""
+def other_run_state(model_dir: Path, meta: dict, other_dir: Path) -> tuple[dict, dict, bool]:
+    """(state dict, meta, same rows read) of another run of the same recipe, named as `interpolate` looks
+    weights up; the word embeddings are left out where the two vocabularies differ (their rows would not
+    match), which is allowed only when both kept them frozen."""
+    from training.evaluate import read_meta
+    from training.modeling import load_classifier
+
+    other = read_meta(other_dir)
+    if Path(other_dir).resolve() == model_dir.resolve():
+        raise InterpolateError("--with must be another run than --run")
+    for key, what in (("backbone", "backbone"), ("text", "text settings")):
+        if other.get(key) != meta.get(key):
+            raise InterpolateError(f"{other_dir} has other {what} than {model_dir} ({other.get(key)} against "
+                                   f"{meta.get(key)}): only runs of the same recipe can be averaged")
+    model = load_classifier(other_dir, local_files_only=True)
+    prefix = f"{model.base_model_prefix}."
+    state = {name[len(prefix):] if name.startswith(prefix) else name: t for name, t in model.state_dict().items()}
+    if (Path(other_dir) / "tokenizer.json").read_bytes() != (model_dir / "tokenizer.json").read_bytes():
+        frozen = [((m.get("backbone_info") or {}).get("frozen") or {}).get("word_embeddings") for m in (meta, other)]
+        if not all(frozen):
+            raise InterpolateError(f"{model_dir} and {other_dir} have different vocabularies and trained word "
+                                   "embeddings: their embedding rows cannot be averaged")
+        state.pop("embeddings.word_embeddings.weight", None)
+    return state, other, other.get("rows_read") == meta.get("rows_read")
+
+
+def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrained: dict | None = None,
+        other_dir: Path | None = None) -> Path:
+    """Interpolate `model_dir` into `out_dir` (default: `<model_dir>-wise<alpha>`, or `-avg<alpha>` with
+    `other_dir`) with the pretrained backbone, or with `other_dir`'s weights (another run of the same recipe),
+    choose its thresholds again with `cfg.eval` and return it."""
     from training.evaluate import read_meta, rethreshold
     from training.modeling import load_classifier
     from training.tracking import MODEL_META
@@ -87,11 +122,17 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
         raise InterpolateError(f"--alpha must be in [0, 1) (1 would copy the model as trained), got {alpha:g}")
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    if meta.get("interpolation"):
+    same_rows = True
+    if other_dir is not None:
+        pretrained, other, same_rows = other_run_state(model_dir, meta, Path(other_dir))
+        source = f"run {Path(other_dir).resolve()}"
+    elif meta.get("interpolation"):
         done = meta["interpolation"]
         raise InterpolateError(f"{model_dir} is already interpolated (alpha {done['alpha']:g}, from "
                                f"{done['from']}): start from a model as trained (train.wise_alpha=1.0)")
-    out_dir = Path(out_dir or f"{model_dir}-wise{alpha:g}")
+    else:
+        source = f"the pretrained {meta['backbone']}"
+    out_dir = Path(out_dir or f"{model_dir}-{'avg' if other_dir is not None else 'wise'}{alpha:g}")
     if out_dir.resolve() == model_dir.resolve():
         raise InterpolateError("--out must be another directory than the model's")
     if pretrained is None:
@@ -99,17 +140,26 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     model = load_classifier(model_dir, local_files_only=True)
     report = interpolate(model, pretrained, alpha)
     if not report["interpolated"]:
-        raise InterpolateError(f"no weight of {model_dir} matches the pretrained {meta['backbone']!r} by name and "
-                               "shape: is it the backbone this model was trained from?")
+        raise InterpolateError(f"no weight of {model_dir} matches {source} by name and shape: is it the "
+                               "backbone this model was trained from?")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     model.save_pretrained(out_dir)
     # a new model: not the MLflow run's (its metrics are the trained model's); the source is named instead
-    meta.update(mlflow_run_id=None, interpolation=record(alpha, str(model_dir.resolve()), report))
+    if other_dir is None:
+        meta.update(mlflow_run_id=None, interpolation=record(alpha, str(model_dir.resolve()), report))
+    else:  # the runs' own WiSE-FT record stays; the average is recorded beside it
+        meta.update(mlflow_run_id=None, averaged_with={
+            **record(alpha, str(model_dir.resolve()), report), "other": str(Path(other_dir).resolve()),
+            "other_mlflow_run_id": other.get("mlflow_run_id"), "same_rows_read": same_rows})
     (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"interpolated {report['interpolated']} tensors of {model_dir} with the pretrained {meta['backbone']} "
-          f"at alpha {alpha:g} (kept as trained: {', '.join(report['kept'])}) -> {out_dir}")
+    print(f"interpolated {report['interpolated']} tensors of {model_dir} with {source} at alpha {alpha:g} "
+          f"(kept as trained: {', '.join(report['kept'])}) -> {out_dir}")
+    if not same_rows and cfg.eval.threshold_unread_ham:
+        print("the two runs read different training rows, so one's unread ham is the other's training data: "
+              "the threshold is chosen on validation alone (eval.threshold_unread_ham=false)")
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, threshold_unread_ham=False))
     rethreshold(out_dir, cfg, log=False)
     return out_dir
 
@@ -119,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default=None, help="MLflow run id or model directory (default: newest finished run)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, in [0, 1) "
                         "(0 = the pretrained encoder; default: %(default)s)")
-    parser.add_argument("--out", default=None, help="output model directory (default: <model dir>-wise<alpha>)")
+    parser.add_argument("--with", dest="other", default=None, help="another run of the same recipe (run id or "
+                        "model directory) to average with, instead of the pretrained backbone")
+    parser.add_argument("--out", default=None, help="output model directory (default: <model dir>-wise<alpha>, "
+                        "or -avg<alpha> with --with)")
     args = parser.parse_args(argv)
     from training.data import DataError
     from training.evaluate import EvaluateError
@@ -127,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        out = run(resolve_model_dir(args.run, cfg), cfg, args.alpha, Path(args.out) if args.out else None)
+        other = resolve_model_dir(args.other, cfg) if args.other else None
+        out = run(resolve_model_dir(args.run, cfg), cfg, args.alpha, Path(args.out) if args.out else None,
+                  other_dir=other)
     except (ConfigError, TrackingError, EvaluateError, DataError, InterpolateError) as e:
         fail(str(e))
     print(f"next: make export RUN={out}", file=sys.stderr)
