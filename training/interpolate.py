@@ -15,7 +15,7 @@ The result is a new model directory whose thresholds are chosen again on its val
 With `--with <other run>` the other end is another run of the same recipe instead of the pretrained backbone:
 a weight average of two fine-tuned models ("model soup", Wortsman et al. 2022), e.g. two seeds. Both start
 from the same pretrained weights; their trimmed vocabularies may differ, so the word embeddings stay this
-run's, which needs them frozen (pretrained rows) in both. Each run's unread training ham may be the other's
+run's, which needs the pieces both have to have the same rows in both (frozen pretrained embeddings). Each run's unread training ham may be the other's
 training rows, so the threshold is chosen on validation alone unless both read the same rows.
 """
 
@@ -101,12 +101,30 @@ def other_run_state(model_dir: Path, meta: dict, other_dir: Path) -> tuple[dict,
     prefix = f"{model.base_model_prefix}."
     state = {name[len(prefix):] if name.startswith(prefix) else name: t for name, t in model.state_dict().items()}
     if (Path(other_dir) / "tokenizer.json").read_bytes() != (model_dir / "tokenizer.json").read_bytes():
-        frozen = [((m.get("backbone_info") or {}).get("frozen") or {}).get("word_embeddings") for m in (meta, other)]
-        if not all(frozen):
-            raise InterpolateError(f"{model_dir} and {other_dir} have different vocabularies and trained word "
-                                   "embeddings: their embedding rows cannot be averaged")
+        if not _same_embedding_rows(model_dir, load_classifier(model_dir, local_files_only=True), other_dir, model):
+            raise InterpolateError(f"{model_dir} and {other_dir} have different vocabularies and different word "
+                                   "embeddings for the pieces they share (trained, or not pretrained): their "
+                                   "encoders did not read the same inputs and cannot be averaged")
         state.pop("embeddings.word_embeddings.weight", None)
     return state, other, other.get("rows_read") == meta.get("rows_read")
+
+
+def _same_embedding_rows(dir_a: Path, model_a, dir_b: Path, model_b) -> bool:
+    """Whether every piece both tokenizers have gets the same embedding row in both models: true for two
+    trimmings of one pretrained vocabulary with the embeddings frozen (the default recipe)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    vocab_a = Tokenizer.from_file(str(Path(dir_a) / "tokenizer.json")).get_vocab()
+    vocab_b = Tokenizer.from_file(str(Path(dir_b) / "tokenizer.json")).get_vocab()
+    shared = sorted(set(vocab_a) & set(vocab_b))
+    if not shared:
+        return False
+    emb_a = model_a.get_input_embeddings().weight
+    emb_b = model_b.get_input_embeddings().weight
+    rows_a = emb_a[torch.tensor([vocab_a[p] for p in shared])]
+    rows_b = emb_b[torch.tensor([vocab_b[p] for p in shared])]
+    return bool(torch.equal(rows_a, rows_b))
 
 
 def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrained: dict | None = None,
