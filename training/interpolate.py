@@ -15,8 +15,9 @@ The result is a new model directory whose thresholds are chosen again on its val
 With `--with <other run>` the other end is another run of the same recipe instead of the pretrained backbone:
 a weight average of two fine-tuned models ("model soup", Wortsman et al. 2022), e.g. two seeds. Both start
 from the same pretrained weights; their trimmed vocabularies may differ, so the word embeddings stay this
-run's, which needs the pieces both have to have the same rows in both (frozen pretrained embeddings). Each run's unread training ham may be the other's
-training rows, so the threshold is chosen on validation alone unless both read the same rows.
+run's, which needs every piece both have to have the same row in both (frozen pretrained embeddings). Each
+run's unread training ham may be the other's training rows, so the threshold is chosen on validation alone
+unless both read the same rows.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def pretrained_state(backbone: str, cache_dir: str) -> dict:
 def other_run_state(model_dir: Path, meta: dict, other_dir: Path) -> tuple[dict, dict, bool]:
     """(state dict, meta, same rows read) of another run of the same recipe, named as `interpolate` looks
     weights up; the word embeddings are left out where the two vocabularies differ (their rows would not
-    match), which is allowed only when both kept them frozen."""
+    line up), which is allowed only when the pieces both have share their rows (`_same_embedding_rows`)."""
     from training.evaluate import read_meta
     from training.modeling import load_classifier
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli_args(argv, __doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--run", default=None, help="MLflow run id or model directory (default: newest finished run)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, in [0, 1) "
-                        "(0 = the pretrained encoder; default: %(default)s)")
+                        "(0 = the pretrained encoder, or the --with run; default: %(default)s)")
     parser.add_argument("--with", dest="other", default=None, help="another run of the same recipe (run id or "
                         "model directory) to average with, instead of the pretrained backbone")
     parser.add_argument("--out", default=None, help="output model directory (default: <model dir>-wise<alpha>, "
