@@ -78,7 +78,9 @@ def test_run_writes_a_new_model_dir_with_its_own_thresholds(tiny_mean_model_dir,
 def test_command_line_errors_are_one_line(tiny_mean_model_dir, capsys):
     # the tiny backbone has no pretrained weights; alpha 1 would copy the model
     for args, message in ((["--run", str(tiny_mean_model_dir)], "has no pretrained weights"),
-                          (["--run", str(tiny_mean_model_dir), "--alpha", "1"], "--alpha must be in [0, 1)")):
+                          (["--run", str(tiny_mean_model_dir), "--alpha", "1"], "--alpha must be in [0, 1)"),
+                          (["--run", str(tiny_mean_model_dir), "--with", str(tiny_mean_model_dir)],
+                           "--with must be another run than --run")):
         with pytest.raises(SystemExit) as e:
             main(["--config", "configs/smoke.yaml", *args])
         err = capsys.readouterr().err
