@@ -84,9 +84,9 @@ def pretrained_state(backbone: str, cache_dir: str) -> dict:
                                f"{str(e).splitlines()[0]}") from None
 
 
-def other_run_state(model_dir: Path, meta: dict, other_dir: Path) -> tuple[dict, dict, bool]:
-    """(state dict, meta, same rows read) of another run of the same recipe, named as `interpolate` looks
-    weights up; the word embeddings are left out where the two vocabularies differ (their rows would not
+def other_run_state(model_dir: Path, meta: dict, model, other_dir: Path) -> tuple[dict, dict, bool]:
+    """(state dict, meta, same rows read) of another run of the same recipe as `model` (loaded from
+    `model_dir`, with `meta`), named as `interpolate` looks weights up; the word embeddings are left out where the two vocabularies differ (their rows would not
     line up), which is allowed only when the pieces both have share their rows (`_same_embedding_rows`)."""
     from training.evaluate import read_meta
     from training.modeling import load_classifier
@@ -98,11 +98,12 @@ def other_run_state(model_dir: Path, meta: dict, other_dir: Path) -> tuple[dict,
         if other.get(key) != meta.get(key):
             raise InterpolateError(f"{other_dir} has other {what} than {model_dir} ({other.get(key)} against "
                                    f"{meta.get(key)}): only runs of the same recipe can be averaged")
-    model = load_classifier(other_dir, local_files_only=True)
-    prefix = f"{model.base_model_prefix}."
-    state = {name[len(prefix):] if name.startswith(prefix) else name: t for name, t in model.state_dict().items()}
+    other_model = load_classifier(other_dir, local_files_only=True)
+    prefix = f"{other_model.base_model_prefix}."
+    state = {name[len(prefix):] if name.startswith(prefix) else name: t
+             for name, t in other_model.state_dict().items()}
     if (Path(other_dir) / "tokenizer.json").read_bytes() != (model_dir / "tokenizer.json").read_bytes():
-        if not _same_embedding_rows(model_dir, load_classifier(model_dir, local_files_only=True), other_dir, model):
+        if not _same_embedding_rows(model_dir, model, other_dir, other_model):
             raise InterpolateError(f"{model_dir} and {other_dir} have different vocabularies and different word "
                                    "embeddings for the pieces they share (trained, or not pretrained): their "
                                    "encoders did not read the same inputs and cannot be averaged")
@@ -141,9 +142,10 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
         raise InterpolateError(f"--alpha must be in [0, 1) (1 would copy the model as trained), got {alpha:g}")
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
+    model = load_classifier(model_dir, local_files_only=True)
     same_rows = True
     if other_dir is not None:
-        pretrained, other, same_rows = other_run_state(model_dir, meta, Path(other_dir))
+        pretrained, other, same_rows = other_run_state(model_dir, meta, model, Path(other_dir))
         source = f"run {Path(other_dir).resolve()}"
     elif meta.get("interpolation"):
         done = meta["interpolation"]
@@ -156,7 +158,6 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
         raise InterpolateError("--out must be another directory than the model's")
     if pretrained is None:
         pretrained = pretrained_state(meta["backbone"], cfg.model.cache_dir)
-    model = load_classifier(model_dir, local_files_only=True)
     report = interpolate(model, pretrained, alpha)
     if not report["interpolated"]:
         raise InterpolateError(f"no weight of {model_dir} matches {source} by name and shape: is it the "

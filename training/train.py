@@ -140,14 +140,19 @@ def rows_read(cfg: Config, train_split, world_size: int = 1) -> dict:
             "epochs": planned_epochs(cfg, train_split, world_size) if t.fresh_rows_per_epoch else None}
 
 
-def rows_kept(read: dict, train_split):
-    """The training rows a run (its `rows_read`) reads: what `cap_training_rows` keeps, or with
-    fresh_rows_per_epoch every row `epoch_row_sets` gives its epochs."""
+def row_plan(read: dict, train_split):
+    """(rows, epoch subsets) a run (its `rows_read`) reads: what `cap_training_rows` keeps and None, or with
+    fresh_rows_per_epoch `epoch_row_sets`: every row its epochs read and each epoch's share."""
     if read["fresh_rows_per_epoch"]:
         return epoch_row_sets(train_split, read["max_rows_per_source"], read["seed"], read["epochs"],
-                              read["rows_per_source"])[0]
+                              read["rows_per_source"])
     return cap_training_rows(train_split, read["max_rows_per_source"], read["max_train_rows"], read["seed"],
-                             read["rows_per_source"])
+                             read["rows_per_source"]), None
+
+
+def rows_kept(read: dict, train_split):
+    """The training rows a run (its `rows_read`) reads (`row_plan`'s rows)."""
+    return row_plan(read, train_split)[0]
 
 
 def unread_ham(read: dict, train_split):
@@ -492,13 +497,10 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
     with state.main_process_first():  # rank 0 prepares; the others then find it prepared
         data_dir = ensure_prepared(cfg)
     splits = exclude_sources(load_splits(cfg), t.exclude_sources)
-    epoch_subsets = None
     read = rows_read(cfg, splits["train"], world)  # the rows this run reads, recorded by _finish
-    if read["fresh_rows_per_epoch"]:
-        train_rows, epoch_subsets = epoch_row_sets(splits["train"], read["max_rows_per_source"], read["seed"],
-                                                   read["epochs"], read["rows_per_source"])
-    else:
-        train_rows = augment_rows(rows_kept(read, splits["train"]), t.augment, t.seed)
+    train_rows, epoch_subsets = row_plan(read, splits["train"])
+    if epoch_subsets is None:
+        train_rows = augment_rows(train_rows, t.augment, t.seed)
     val_rows = splits["validation"]
     val_during = cap_eval_rows(val_rows, t.max_eval_rows, t.seed)
     if len(train_rows) == 0 or len(val_during) == 0:
