@@ -8,6 +8,7 @@ serving, evaluation and the export's parity gates alike:
      "by_lang": {"ko": 0.41},         # languages with enough validation rows for a threshold of their own
      "rule": "max_recall_at_fpr", "target_fpr": 0.01,
      "min_rows": {"ham": 100, "spam": 20, "ham_to_lower": 300},
+     "language_balanced": false,      # true: `default` holds the mean of the languages' FPRs at target_fpr
      "languages": {"ko": {"ham": 812, "spam": 240, "scope": "lang:ko", "threshold": 0.41, "reason": ...},
                    "ja": {"ham": 35, "spam": 4, "scope": "global", "threshold": 0.73, "reason": ...}},
      "global": {... training.metrics.threshold_choice of the whole validation split}}

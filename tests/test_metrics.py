@@ -427,3 +427,55 @@ def test_a_ham_pool_keeps_each_sources_share_and_narrows_the_spread():
                                         "origin": "training rows the model did not read"}
     assert "resamples of validation and the unread ham" in M.spread_text(pooled["global"])
     assert "pool" not in alone["global"]
+
+
+def test_language_balanced_fpr_counts_each_language_the_same():
+    """English: 1,000 ham, 20 of them grey mail scoring 0.90-0.99; Japanese: 200 ham, all low. Spam scores
+    0.5-0.99. At 1% the pooled rule may flag 12 ham (1% of 1,200): only 12 grey mails, threshold above the 8
+    lowest. Balanced, the mean of the two FPRs may be 1%: English up to 2% = all 20 grey mails while Japanese
+    flags none, so the threshold falls to just under the lowest grey mail."""
+    grey = np.linspace(0.90, 0.99, 20)
+    p = np.r_[grey, np.full(980, 0.05), np.full(200, 0.04), np.linspace(0.5, 0.995, 100)]
+    y = np.r_[np.zeros(1200, dtype=int), np.ones(100, dtype=int)]
+    langs = ["en"] * 1000 + ["ja"] * 200 + ["en"] * 100
+    pooled = M.threshold_choice(y, p, target_fpr=0.01)
+    assert (grey >= pooled["threshold"]).sum() == 12 and pooled["val_fpr"] == pytest.approx(12 / 1200)
+    balanced = M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=langs)
+    flagged = np.r_[grey, np.full(1180, 0.0)] >= balanced["threshold"]
+    assert flagged.sum() == 20 and balanced["threshold"] < 0.90
+    assert balanced["val_fpr_group_mean"] == pytest.approx((20 / 1000 + 0 / 200) / 2)
+    assert balanced["val_recall"] > pooled["val_recall"]
+    # one group is the pooled rule; a row of no group (None) counts in no mean
+    same = M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=["x"] * 1300)
+    assert same["threshold"] == pooled["threshold"]
+    no_ja = M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=["en"] * 1000 + [None] * 200 + ["en"] * 100)
+    assert (grey >= no_ja["threshold"]).sum() == 10  # 1% of English's 1,000 ham alone
+    with pytest.raises(ValueError, match="fpr_groups has 3 values"):
+        M.threshold_choice(y, p, fpr_groups=["en"] * 3)
+
+
+def test_threshold_policy_language_balanced_averages_the_languages_with_enough_ham():
+    rng = np.random.default_rng(3)
+    p = np.r_[rng.beta(2, 6, 900), rng.beta(1, 12, 150), rng.beta(1, 12, 40), rng.beta(7, 2, 200)]
+    y = np.r_[np.zeros(1090, dtype=int), np.ones(200, dtype=int)]
+    langs = ["en"] * 900 + ["ko"] * 150 + ["other"] * 40 + ["en"] * 200
+    off = M.threshold_policy(y, p, langs, target_fpr=0.01, per_language=False, spread_resamples=50)
+    on = M.threshold_policy(y, p, langs, target_fpr=0.01, per_language=False, spread_resamples=50,
+                            language_balanced=True)
+    g = on["global"]
+    assert g["fpr_languages"] == ["en", "ko"]  # "other" has 40 ham (< min_ham 100): in no mean
+    groups = [x if x != "other" else None for x in langs]
+    assert on["default"] == M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=groups)["threshold"]
+    assert on["default"] < off["default"] and "fpr_languages" not in off["global"]
+    en_fpr = ((p >= on["default"]) & (y == 0))[:900].mean()
+    ko_fpr = ((p >= on["default"]) & (y == 0))[900:1050].mean()
+    assert (en_fpr + ko_fpr) / 2 <= 0.01 and g["val_fpr_group_mean"] == pytest.approx((en_fpr + ko_fpr) / 2)
+    assert g["spread"]["low"] <= on["default"] <= g["spread"]["high"]
+    # the policy records the rule, and export applies it again to a graph's own scores (training.export)
+    from training.export import ParityData, variant_policy
+
+    assert on["language_balanced"] is True and off["language_balanced"] is False
+    data = ParityData([""] * y.size, list(y), "validation", whole_validation=True)
+    again, why = variant_policy(on, data, p, langs)
+    assert why == "" and again["default"] == on["default"] and again["global"]["fpr_languages"] == ["en", "ko"]
+    assert variant_policy(off, data, p, langs)[0]["default"] == off["default"]

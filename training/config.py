@@ -181,6 +181,9 @@ class EvalConfig:
     # read (train.max_rows_per_source leaves most rows of the large sources out), weighted so that each source keeps
     # its share of validation ham (training.metrics.HamPool): the same rule, pinned down by more rows
     threshold_unread_ham: bool = False
+    # the global rule's FPR is the mean of each language's FPR (languages with >= threshold_min_ham ham rows),
+    # not the FPR of all validation ham together, where the largest language's ham sets the threshold
+    language_balanced_fpr: bool = False
 
 
 @dataclass

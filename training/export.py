@@ -702,7 +702,8 @@ def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str], poo
                             int(rows.get("ham", 100)), int(rows.get("spam", 20)),
                             per_language=bool(policy.get("per_language", bool(policy.get("by_lang")))),
                             raise_only=bool(policy.get("raise_only", False)),
-                            spread_resamples=int(spread.get("resamples", 0)), pool=pool), ""
+                            spread_resamples=int(spread.get("resamples", 0)), pool=pool,
+                            language_balanced=bool(policy.get("language_balanced", False))), ""
 
 
 # ------------------------------------------------------------------------------------------ MLflow

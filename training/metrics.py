@@ -86,8 +86,22 @@ def _lower_midpoint(scores_desc: np.ndarray, t: float) -> float:
     return float((t + lower[0]) / 2.0) if lower.size else float(t)
 
 
+def _group_fpr_mean(y: np.ndarray, p: np.ndarray, w: np.ndarray, groups: np.ndarray,
+                    thr: np.ndarray) -> np.ndarray:
+    """At each threshold of `thr`, the mean over the groups of each group's (weighted) ham FPR. Rows whose
+    group is None count in no group."""
+    rates = []
+    for g in sorted({x for x in groups[y == 0].tolist() if x is not None}):
+        ham = (y == 0) & (groups == g)
+        order = np.argsort(p[ham])  # ascending
+        ps, ws = p[ham][order], w[ham][order]
+        above = np.r_[np.cumsum(ws[::-1])[::-1], 0.0]  # weight of the ham at index >= i
+        rates.append(above[np.searchsorted(ps, thr, side="left")] / ws.sum())
+    return np.mean(rates, axis=0) if rates else np.zeros(thr.size)
+
+
 def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
-                     sample_weight=None) -> dict:
+                     sample_weight=None, fpr_groups=None) -> dict:
     """Choose the decision threshold on validation scores and say how.
 
     Rules
@@ -103,6 +117,10 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
 
     `sample_weight` (one per row) weighs the rows in every rate: the pooled ham of a `HamPool`, where a row
     stands for less than one validation row.
+
+    `fpr_groups` (one label per row, None for a row of no group): the FPR that "max_recall_at_fpr" holds under
+    `target_fpr` is the mean of each group's own FPR, so that each group (a language) counts the same however
+    many ham rows it has (`eval.language_balanced_fpr`); `val_fpr_group_mean` is that mean at the threshold.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
@@ -127,6 +145,11 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
         fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
         tp = tpr * wpos
         fp = fpr * wneg
+        if fpr_groups is not None:
+            groups = np.asarray(fpr_groups, dtype=object)
+            if groups.size != y.size:
+                raise ValueError(f"fpr_groups has {groups.size} values for {y.size} rows")
+            fpr = _group_fpr_mean(y, p, np.ones(y.size) if w is None else w, groups, thr)
         if rule == "best_f1":
             f1 = 2 * tp / (2 * tp + fp + (wpos - tp))
             best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
@@ -149,6 +172,10 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     m = binary_metrics(y, p, threshold) if w is None else weighted_rates(y, p, w, threshold)
     out.update(threshold=float(threshold), val_precision=m["precision"], val_recall=m["recall"],
                val_fpr=m["fpr"], val_f1=m["f1"])
+    if fpr_groups is not None and pos and neg:
+        out["val_fpr_group_mean"] = float(_group_fpr_mean(y, p, np.ones(y.size) if w is None else w,
+                                                          np.asarray(fpr_groups, dtype=object),
+                                                          np.asarray([threshold]))[0])
     return out
 
 
@@ -159,7 +186,7 @@ def choose_threshold(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
 
 def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
                      resamples: int = 200, level: float = 0.9, seed: int = 0, sample_weight=None,
-                     groups=None) -> dict | None:
+                     groups=None, fpr_groups=None) -> dict | None:
     """How far `threshold_choice` moves when validation is drawn again: the rule applied to `resamples`
     bootstrap resamples (ham and spam resampled apart, so each keeps its count), summarised as the
     central `level` interval and the median. At a strict FPR target the threshold is one of the few
@@ -167,12 +194,13 @@ def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     validation; a wide interval says the target asks more than the validation split can pin down.
     Deterministic per `seed`. None when `resamples` is 0 or a class is missing.
     With `sample_weight`, the rows keep their weights and the ham are resampled within each of their `groups`
-    (the sources of a pooled ham set), so each group keeps its count."""
+    (the sources of a pooled ham set), so each group keeps its count. `fpr_groups`: as in `threshold_choice`."""
     if resamples < 0 or not 0.0 < level < 1.0:
         raise ValueError(f"resamples must be >= 0 and level in (0, 1), got {resamples} and {level}")
     y, p = _arrays(y_true, p_spam)
     w = np.ones(y.size) if sample_weight is None else _weights(sample_weight, y.size)
     g = np.zeros(y.size, dtype=object) if groups is None else np.asarray([str(x) for x in groups], dtype=object)
+    fg = None if fpr_groups is None else np.asarray(fpr_groups, dtype=object)
     if resamples == 0 or not (y == 0).any() or not (y == 1).any():
         return None
     rng = np.random.default_rng(seed)
@@ -184,7 +212,8 @@ def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
         for i in range(resamples):
             idx = np.concatenate([rng.choice(rows, rows.size) for rows in strata])
             found[i] = threshold_choice(y[idx], p[idx], rule, target_fpr,
-                                        None if sample_weight is None else w[idx])["threshold"]
+                                        None if sample_weight is None else w[idx],
+                                        None if fpr_groups is None else fg[idx])["threshold"]
     tail = (1.0 - level) / 2.0
     low, median, high = np.quantile(found, [tail, 0.5, 1.0 - tail])
     return {"low": float(low), "median": float(median), "high": float(high), "level": float(level),
@@ -204,7 +233,7 @@ def _clean(x):
 def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall_at_fpr",
                      target_fpr: float = 0.01, min_ham: int = 100, min_spam: int = 20, *,
                      per_language: bool = True, raise_only: bool = False, spread_resamples: int = 0,
-                     pool: "HamPool | None" = None) -> dict:
+                     pool: "HamPool | None" = None, language_balanced: bool = False) -> dict:
     """The threshold policy (serving/thresholds.py) chosen on validation scores.
 
     - `default`: `threshold_choice` on every validation row (the global threshold, as without languages).
@@ -229,6 +258,11 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     `pool` (a `HamPool`): ham the model never read joins the validation rows, weighted so that each source
     keeps its share of validation ham; every rate is then weighted, the counts are rows, and `global["pool"]`
     says what was pooled.
+
+    `language_balanced`: the global rule holds the mean of the languages' FPRs under `target_fpr` instead of
+    the FPR of all ham together, each language with at least `min_ham` ham rows (pooled rows included)
+    counting the same; the ham of smaller languages counts in no mean. `global["fpr_languages"]` lists the
+    languages averaged. Without it the largest language's ham (English e-mail) sets the one threshold.
     """
     from serving.thresholds import GLOBAL, lang_scope
 
@@ -241,8 +275,15 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     w = groups = None
     if pool is not None:
         y, p, lang_arr, w, groups = pool.join(y, p, lang_arr)
-    choice = threshold_choice(y, p, rule, target_fpr, w)
-    choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples, sample_weight=w, groups=groups)
+    fpr_groups = None
+    if language_balanced:
+        big = {g for g in set(lang_arr[y == 0].tolist()) if int(((lang_arr == g) & (y == 0)).sum()) >= min_ham}
+        fpr_groups = np.asarray([g if g in big else None for g in lang_arr.tolist()], dtype=object)
+    choice = threshold_choice(y, p, rule, target_fpr, w, fpr_groups)
+    choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples, sample_weight=w, groups=groups,
+                                        fpr_groups=fpr_groups)
+    if language_balanced:
+        choice["fpr_languages"] = sorted(big)
     if pool is not None:
         choice["pool"] = pool.describe()
     default = choice["threshold"]
@@ -307,6 +348,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
                      "ham_to_lower": None if math.isinf(ham_to_lower) else int(ham_to_lower)},
         "per_language": bool(per_language),
         "raise_only": bool(raise_only),
+        "language_balanced": bool(language_balanced),
         "languages": languages,
         "global": {k: _clean(v) for k, v in choice.items()},
     }
@@ -317,7 +359,8 @@ def config_threshold_policy(ecfg, y_val, p_val, langs: Sequence[str], pool: "Ham
     return threshold_policy(y_val, p_val, langs, ecfg.threshold_rule, ecfg.target_fpr, ecfg.threshold_min_ham,
                             ecfg.threshold_min_spam, per_language=ecfg.per_language_thresholds,
                             raise_only=not ecfg.per_language_lower,
-                            spread_resamples=ecfg.threshold_spread_resamples, pool=pool)
+                            spread_resamples=ecfg.threshold_spread_resamples, pool=pool,
+                            language_balanced=ecfg.language_balanced_fpr)
 
 
 @dataclass
