@@ -471,6 +471,10 @@ def test_threshold_policy_language_balanced_averages_the_languages_with_enough_h
     ko_fpr = ((p >= on["default"]) & (y == 0))[900:1050].mean()
     assert (en_fpr + ko_fpr) / 2 <= 0.01 and g["val_fpr_group_mean"] == pytest.approx((en_fpr + ko_fpr) / 2)
     assert g["spread"]["low"] <= on["default"] <= g["spread"]["high"]
+    # one language with enough ham: nothing to balance, all ham counts together
+    small = M.threshold_policy(y, p, ["en"] * 900 + ["ko"] * 190 + ["en"] * 200, target_fpr=0.01,
+                               per_language=False, min_ham=200, language_balanced=True)
+    assert small["global"]["fpr_languages"] == [] and small["default"] == off["default"]
     # the policy records the rule, and export applies it again to a graph's own scores (training.export)
     from training.export import ParityData, variant_policy
 

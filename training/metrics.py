@@ -262,7 +262,8 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     `language_balanced`: the global rule holds the mean of the languages' FPRs under `target_fpr` instead of
     the FPR of all ham together, each language with at least `min_ham` ham rows (pooled rows included)
     counting the same; the ham of smaller languages counts in no mean. `global["fpr_languages"]` lists the
-    languages averaged. Without it the largest language's ham (English e-mail) sets the one threshold.
+    languages averaged; with fewer than two such languages it is empty and all ham counts together, as
+    without the option, under which the largest language's ham (English e-mail) sets the one threshold.
     """
     from serving.thresholds import GLOBAL, lang_scope
 
@@ -278,7 +279,10 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     fpr_groups = None
     if language_balanced:
         big = {g for g in set(lang_arr[y == 0].tolist()) if int(((lang_arr == g) & (y == 0)).sum()) >= min_ham}
-        fpr_groups = np.asarray([g if g in big else None for g in lang_arr.tolist()], dtype=object)
+        if len(big) < 2:  # nothing to balance: every ham row counts together, as without the option
+            big = set()
+        else:
+            fpr_groups = np.asarray([g if g in big else None for g in lang_arr.tolist()], dtype=object)
     choice = threshold_choice(y, p, rule, target_fpr, w, fpr_groups)
     choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples, sample_weight=w, groups=groups,
                                         fpr_groups=fpr_groups)
