@@ -471,6 +471,8 @@ def test_threshold_policy_language_balanced_averages_the_languages_with_enough_h
     ko_fpr = ((p >= on["default"]) & (y == 0))[900:1050].mean()
     assert (en_fpr + ko_fpr) / 2 <= 0.01 and g["val_fpr_group_mean"] == pytest.approx((en_fpr + ko_fpr) / 2)
     assert g["spread"]["low"] <= on["default"] <= g["spread"]["high"]
+    assert M.balance_text(g).startswith("the FPR held under the target is the mean of en, ko's own (0.0")
+    assert M.balance_text(off["global"]) == ""
     # one language with enough ham: nothing to balance, all ham counts together
     small = M.threshold_policy(y, p, ["en"] * 900 + ["ko"] * 190 + ["en"] * 200, target_fpr=0.01,
                                per_language=False, min_ham=200, language_balanced=True)

@@ -364,7 +364,7 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     The next `make export` carries it into the bundle. Returns the new policy."""
     import warnings
 
-    from training.metrics import ThresholdWarning, config_threshold_policy, spread_text
+    from training.metrics import ThresholdWarning, balance_text, config_threshold_policy, spread_text
 
     check_eval_config(cfg)
     model_dir = Path(model_dir)
@@ -395,8 +395,9 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     print(f"{model_dir}: thresholds {before} -> {TH.describe(policy)} ({e.threshold_rule}, target FPR "
           f"{e.target_fpr:g}, per-language {_per_language_mode(e)}; {len(p)} validation "
           f"rows of {data_dir})")
-    if spread := spread_text(policy["global"]):
-        print(f"  {spread}")
+    for line in (balance_text(policy["global"]), spread_text(policy["global"])):
+        if line:
+            print(f"  {line}")
     if log and meta.get("mlflow_run_id"):
         from mlflow.exceptions import MlflowException
 

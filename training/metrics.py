@@ -433,6 +433,16 @@ def spread_text(choice: Mapping) -> str:
             f"(median {s['median']:.4g})")
 
 
+def balance_text(choice: Mapping) -> str:
+    """What `eval.language_balanced_fpr` averaged, in words ("" when it was off or had nothing to balance)."""
+    langs = choice.get("fpr_languages")
+    if not langs:
+        return ""
+    mean = choice.get("val_fpr_group_mean")
+    return (f"the FPR held under the target is the mean of {', '.join(langs)}'s own"
+            + (f" ({mean:.4f} at this threshold)" if mean is not None else ""))
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 

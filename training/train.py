@@ -601,7 +601,7 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     from serving import thresholds as TH
     from training import tracking
     from training.evaluate import evaluate_model_dir, predict_proba, threshold_lines
-    from training.metrics import ThresholdWarning, config_threshold_policy, fmt, spread_text
+    from training.metrics import ThresholdWarning, balance_text, config_threshold_policy, fmt, spread_text
 
     out_dir = resolve_path(cfg.train.output_dir)
     model = trainer.model  # the best checkpoint (load_best_model_at_end), interpolated if train.wise_alpha < 1
@@ -621,8 +621,9 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     print(f"threshold {threshold:.6g} ({e.threshold_rule}, target FPR {e.target_fpr:g}): validation "
           f"precision {fmt(choice['val_precision'])}, recall {fmt(choice['val_recall'])}, FPR {fmt(choice['val_fpr'])}"
           + (f"; {choice['note']}" if choice["note"] else ""), flush=True)
-    if spread := spread_text(choice):
-        print(f"  {spread}", flush=True)
+    for line in (balance_text(choice), spread_text(choice)):
+        if line:
+            print(f"  {line}", flush=True)
     for lang, info_l in policy["languages"].items():
         print(f"  lang {lang}: threshold {info_l['threshold']:.6g} ({info_l['scope']}; {info_l['ham']} ham, "
               f"{info_l['spam']} spam in validation{' and unread ham' if pool else ''}; precision "
