@@ -86,8 +86,9 @@ def pretrained_state(backbone: str, cache_dir: str) -> dict:
 
 def other_run_state(model_dir: Path, meta: dict, model, other_dir: Path) -> tuple[dict, dict, bool]:
     """(state dict, meta, same rows read) of another run of the same recipe as `model` (loaded from
-    `model_dir`, with `meta`), named as `interpolate` looks weights up; the word embeddings are left out where the two vocabularies differ (their rows would not
-    line up), which is allowed only when the pieces both have share their rows (`_same_embedding_rows`)."""
+    `model_dir`, with `meta`), named as `interpolate` looks weights up; the word embeddings are left out where
+    the two vocabularies differ (their rows would not line up), which is allowed only when the pieces both have
+    share their rows (`_same_embedding_rows`)."""
     from training.evaluate import read_meta
     from training.modeling import load_classifier
 

@@ -166,16 +166,14 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
                     f"no threshold reaches FPR <= {target_fpr:g} on validation ({neg} ham rows); using the "
                     f"lowest-FPR threshold instead (FPR {fpr[i]:.4f}, recall {tpr[i]:.4f})"))
         scores_desc = np.unique(p)[::-1]
-        threshold = _lower_midpoint(scores_desc, float(thr[i]))
+        threshold = _lower_midpoint(scores_desc, float(thr[i]))  # flags the rows thr[i] flags
+        if fpr_groups is not None:
+            out["val_fpr_group_mean"] = float(fpr[i])
     if out["note"]:
         warnings.warn(out["note"], ThresholdWarning, stacklevel=3)
     m = binary_metrics(y, p, threshold) if w is None else weighted_rates(y, p, w, threshold)
     out.update(threshold=float(threshold), val_precision=m["precision"], val_recall=m["recall"],
                val_fpr=m["fpr"], val_f1=m["f1"])
-    if fpr_groups is not None and pos and neg:
-        out["val_fpr_group_mean"] = float(_group_fpr_mean(y, p, np.ones(y.size) if w is None else w,
-                                                          np.asarray(fpr_groups, dtype=object),
-                                                          np.asarray([threshold]))[0])
     return out
 
 
