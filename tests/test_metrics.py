@@ -485,3 +485,12 @@ def test_threshold_policy_language_balanced_averages_the_languages_with_enough_h
     again, why = variant_policy(on, data, p, langs)
     assert why == "" and again["default"] == on["default"] and again["global"]["fpr_languages"] == ["en", "ko"]
     assert variant_policy(off, data, p, langs)[0]["default"] == off["default"]
+    # ... and its summary says which languages that graph's threshold averaged (training.parity.parity_table)
+    from training.parity import parity_table
+
+    manifest = {"parity": {"rows": y.size, "data": "validation", "fp32": {"max_abs_logit_diff": 0.0, "limit": 1e-3,
+                                                                         "passed": True, "label_mismatches": 0}},
+                "int8": {"status": "passed", "recipe": {"name": "plain"}}, "files": {}, "thresholds": on,
+                "thresholds_by_model": {"int8": again}}
+    line = next(x for x in parity_table(manifest).splitlines() if x.startswith("int8 thresholds"))
+    assert "the FPR held under the target is the mean of en, ko's own" in line
