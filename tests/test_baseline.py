@@ -85,7 +85,7 @@ def test_the_baseline_reads_the_transformers_augmented_rows(cfg, tmp_path, capsy
     assert changed > 0 and f" {len(train)} train / " in plain and f" {len(train) + changed} train / " in augmented
     # a comparison picks the baseline that read the same rows as the model, not the newest on the data
     meta = {"data_hash": MlflowClient().get_run(plain_run).data.tags["data_hash"],
-            "threshold_rule": "max_recall_at_fpr", "target_fpr": 0.05}
+            "threshold_rule": "max_recall_at_fpr", "target_fpr": 0.05, "thresholds": {"language_balanced": True}}
     assert B.find_runs(cfg, meta)[0].info.run_id == plain_run
     assert B.find_runs(aug, meta)[0].info.run_id == aug_run
 
@@ -152,8 +152,9 @@ def test_a_comparison_finds_the_baseline_with_the_models_threshold_rule(cfg, tmp
     at_10 = B.run_baseline(with_overrides(cfg, ["eval.target_fpr=0.1"]), settings)  # newer, another rule
     data_hash = MlflowClient().get_run(at_5.run_id).data.tags["data_hash"]
 
-    def meta(fpr):
-        return {"data_hash": data_hash, "threshold_rule": "max_recall_at_fpr", "target_fpr": fpr}
+    def meta(fpr):  # the smoke config's rule averages the languages' FPRs (eval.language_balanced_fpr), so do these
+        return {"data_hash": data_hash, "threshold_rule": "max_recall_at_fpr", "target_fpr": fpr,
+                "thresholds": {"language_balanced": True}}
 
     run, same = B.find_runs(cfg, meta(0.05))
     assert run.info.run_id == at_5.run_id and [r.info.run_id for r in same] == [at_5.run_id]
@@ -162,6 +163,14 @@ def test_a_comparison_finds_the_baseline_with_the_models_threshold_rule(cfg, tmp
     assert B.find_runs(cfg, meta(0.02)) == (None, [])
     # a threshold set by hand (no rule): the config's rule
     assert B.find_runs(cfg, {**meta(0.02), "threshold_rule": "fixed"})[0].info.run_id == at_5.run_id
+    # the FPR of all ham together, or the mean of the languages' own (eval.language_balanced_fpr), is part of the
+    # rule: a model whose threshold held the FPR of all ham (one from before the option) gets a baseline that did too
+    pooled = {**meta(0.05), "thresholds": {}}
+    assert B.find_runs(cfg, pooled) == (None, [])
+    old = B.run_baseline(B.same_rule_config(cfg, pooled), settings)
+    assert B.load_pipeline(old.model_path.parent)[1]["thresholds"]["language_balanced"] is False
+    assert B.find_runs(cfg, pooled)[0].info.run_id == old.run_id
+    assert B.find_runs(cfg, meta(0.05))[0].info.run_id == at_5.run_id
 
     # a model at a rule no baseline has: ood trains one at that rule (the config's own is 0.05)
     before = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("baseline-test").experiment_id]))

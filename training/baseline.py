@@ -209,25 +209,27 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     return BaselineResult(run.info.run_id, threshold, choice, val_grouped, test_grouped, model_path, fit_seconds)
 
 
-def _model_rule(cfg: Config, meta: dict) -> tuple[str, float]:
-    """(threshold rule, target FPR) of a model (its spamlingo.json `meta`); the config's for a model whose
-    threshold was set by hand (no rule to match)."""
+def _model_rule(cfg: Config, meta: dict) -> tuple[str, float, bool]:
+    """(threshold rule, target FPR, whether the languages' FPRs were averaged) of a model (its spamlingo.json
+    `meta`); the config's for a model whose threshold was set by hand (no rule to match)."""
     from training import metrics as M
 
     rule, fpr = meta.get("threshold_rule"), meta.get("target_fpr")
     if rule not in M.THRESHOLD_RULES or fpr is None:
-        return cfg.eval.threshold_rule, cfg.eval.target_fpr
-    return rule, float(fpr)
+        return cfg.eval.threshold_rule, cfg.eval.target_fpr, cfg.eval.language_balanced_fpr
+    # models from before eval.language_balanced_fpr held the FPR of all ham together
+    return rule, float(fpr), bool((meta.get("thresholds") or {}).get("language_balanced", False))
 
 
 def same_rule_config(cfg: Config, meta: dict) -> Config:
     """`cfg` with the threshold rule of a model (`_model_rule`), for a baseline to compare with it."""
     from training.config import with_overrides
 
-    rule, fpr = _model_rule(cfg, meta)
-    if (rule, fpr) == (cfg.eval.threshold_rule, cfg.eval.target_fpr):
+    rule, fpr, balanced = _model_rule(cfg, meta)
+    if (rule, fpr, balanced) == (cfg.eval.threshold_rule, cfg.eval.target_fpr, cfg.eval.language_balanced_fpr):
         return cfg
-    return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}"])
+    return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}",
+                                f"eval.language_balanced_fpr={str(balanced).lower()}"])
 
 
 def _augment_of(params: dict) -> dict[str, float]:
@@ -238,8 +240,9 @@ def _augment_of(params: dict) -> dict[str, float]:
 def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     """(the newest finished baseline run on the data of the model described by `meta` whose threshold was chosen
     by the model's rule, every finished baseline run with that rule, newest first). The same rule (`eval.threshold_rule` at
-    `eval.target_fpr`) on both sides of a comparison: a baseline whose threshold flags 1% of validation ham
-    against a model's 0.5% says as much about the thresholds as about the models. The baseline must also have
+    `eval.target_fpr`, over all ham or as the languages' mean: `eval.language_balanced_fpr`) on both sides of a
+    comparison: a baseline whose threshold flags 1% of validation ham against a model's 0.5% says as much about
+    the thresholds as about the models. The baseline must also have
     read the config's augmented copies (`train.augment`), so that both learnt from the same rows."""
     from mlflow import MlflowClient
 
@@ -249,12 +252,13 @@ def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     runs = MlflowClient().search_runs(
         [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200)
-    rule, fpr = _model_rule(cfg, meta)
+    rule, fpr, balanced = _model_rule(cfg, meta)
 
     def same(r) -> bool:
         p = r.data.params
         try:
             return (p.get("eval.threshold_rule") == rule and float(p.get("eval.target_fpr", "nan")) == fpr
+                    and p.get("eval.language_balanced_fpr", "false").lower() == str(balanced).lower()
                     and _augment_of(p) == cfg.train.augment)
         except ValueError:
             return False
