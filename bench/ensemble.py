@@ -4,7 +4,7 @@
 
 Issue #10 lists "an ensemble with the TF-IDF model where it beats both" among the levers. For each weight w,
 p = sigmoid(w * logit(p_model) + (1 - w) * logit(p_baseline)), its one threshold chosen on the validation split
-by the config's rule (eval.threshold_rule, eval.target_fpr) as each model's own is; w = 1 is the model alone,
+by the config's rule (eval.threshold_rule, eval.target_fpr, eval.language_balanced_fpr) as each model's own is; w = 1 is the model alone,
 w = 0 the baseline alone. Scored on the test split, on the out-of-distribution sets (ood.unseen_ham,
 ood.eval_sets, ood.hard_negatives) and on each leave-one-corpus-out fold whose models `make ood` left in
 <train.output_dir>-ood/<fold>/ (the fold's validation rows choose its threshold; a fold without them is
@@ -49,13 +49,16 @@ def _fpr(p, threshold: float, mask) -> float | None:
 
 def _sweep(cfg, val: dict, sets: dict[str, dict]) -> list[dict]:
     """One entry per weight: the threshold from `val`, then each set's metrics at it."""
-    from training.metrics import binary_metrics, choose_threshold
+    from training.metrics import binary_metrics, threshold_policy
     from training.ood import side_metrics
 
+    e = cfg.eval
     rows = []
     for w in WEIGHTS:
-        threshold = float(choose_threshold(val["y"], combine(val["model"], val["baseline"], w),
-                                           cfg.eval.threshold_rule, cfg.eval.target_fpr))
+        # the config's global rule, the languages' FPRs averaged when it says so (no unread ham: a study)
+        threshold = float(threshold_policy(val["y"], combine(val["model"], val["baseline"], w), list(val["langs"]),
+                                           e.threshold_rule, e.target_fpr, e.threshold_min_ham, e.threshold_min_spam,
+                                           per_language=False, language_balanced=e.language_balanced_fpr)["default"])
         entry = {"weight": w, "threshold": threshold}
         for name, d in sets.items():
             p = combine(d["model"], d["baseline"], w)

@@ -278,6 +278,29 @@ def test_ensemble_combines_the_two_logits():
     assert combine(pm, pb, 0.5)[2] > 0.9  # one confident side carries a mean of logits
 
 
+def test_ensemble_threshold_follows_the_configs_language_balance():
+    """Each weight's threshold is chosen by the config's global rule, the languages' FPRs averaged when
+    eval.language_balanced_fpr says so, as the model's own was (training.metrics.threshold_policy)."""
+    import numpy as np
+
+    from bench.ensemble import _sweep, combine
+    from training import metrics as M
+    from training.config import load_config, with_overrides
+
+    rng = np.random.default_rng(5)
+    p = np.r_[rng.beta(2, 6, 900), rng.beta(1, 12, 150), rng.beta(7, 2, 200)]
+    val = {"y": np.r_[np.zeros(1050, dtype=int), np.ones(200, dtype=int)], "model": p,
+           "baseline": np.clip(p[::-1] * 0.5 + 0.25, 1e-6, 1 - 1e-6),
+           "langs": np.array(["en"] * 900 + ["ko"] * 150 + ["en"] * 200)}
+    on = with_overrides(load_config("configs/default.yaml"), ["eval.target_fpr=0.01"])
+    off = with_overrides(on, ["eval.language_balanced_fpr=false"])
+    got_on, got_off = (_sweep(c, val, {})[2]["threshold"] for c in (on, off))  # w = 0.5
+    mixed = combine(val["model"], val["baseline"], 0.5)
+    want = {b: M.threshold_policy(val["y"], mixed, list(val["langs"]), target_fpr=0.01, per_language=False,
+                                  language_balanced=b)["default"] for b in (True, False)}
+    assert got_on == want[True] and got_off == want[False] and got_on != got_off
+
+
 def test_ensemble_figure_sweeps_weights_on_each_set_and_fold(tmp_path, tiny_model_dir, tiny_bundle, tiny_data_dir):
     """bench.run --only ensemble on the tiny model and bundle: a sweep per weight on the test split and the
     out-of-distribution files, a fold whose models are on disk scored, the others listed as skipped."""
