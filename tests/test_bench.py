@@ -290,7 +290,7 @@ def test_ensemble_threshold_follows_the_configs_language_balance():
     rng = np.random.default_rng(5)
     p = np.r_[rng.beta(2, 6, 900), rng.beta(1, 12, 150), rng.beta(7, 2, 200)]
     val = {"y": np.r_[np.zeros(1050, dtype=int), np.ones(200, dtype=int)], "model": p,
-           "baseline": np.clip(p[::-1] * 0.5 + 0.25, 1e-6, 1 - 1e-6),
+           "baseline": np.clip(p + rng.normal(0, 0.05, p.size), 1e-6, 1 - 1e-6),
            "langs": np.array(["en"] * 900 + ["ko"] * 150 + ["en"] * 200)}
     on = with_overrides(load_config("configs/default.yaml"), ["eval.target_fpr=0.01"])
     off = with_overrides(on, ["eval.language_balanced_fpr=false"])
