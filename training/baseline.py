@@ -174,7 +174,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
         if choice["note"]:
             print(f"warning: {choice['note']}")
             mlflow.set_tag("spamlingo.threshold_note", choice["note"])
-        extra = "; ".join(t for t in (M.balance_text(choice), M.spread_text(choice)) if t)
+        extra = M.choice_text(choice)
         _step(f"threshold {threshold:.4f} ({choice['rule']}, target FPR {choice['target_fpr']:g}): validation "
               f"recall {choice['val_recall']:.4f} at FPR {choice['val_fpr']:.4f}" + (f"; {extra}" if extra else ""), t0)
         from serving.thresholds import describe, thresholds_for

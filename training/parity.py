@@ -7,7 +7,7 @@ import math
 
 from serving.inference import spam_probability
 from serving.thresholds import describe
-from training.metrics import balance_text, fmt, spread_text
+from training.metrics import choice_text, fmt
 
 # A language with fewer validation rows than this is reported but not gated on int8 F1: one flipped row
 # among 10 spam messages moves F1 by ~0.05, far beyond any sensible drop limit, and says nothing.
@@ -113,7 +113,7 @@ def parity_table(manifest: dict) -> str:
         lines += ["", "speed at export (ms per text, parity batches): " + ", ".join(
             f"{k.removesuffix('_ms_per_text')} {v:.2f}" for k, v in speed.items() if k.endswith("_ms_per_text"))]
     for variant, own in (manifest.get("thresholds_by_model") or {}).items():
-        extra = "; ".join(t for t in (balance_text(own.get("global") or {}), spread_text(own.get("global") or {})) if t)
+        extra = choice_text(own.get("global") or {})
         pooled = " and the unread training ham" if (own.get("global") or {}).get("pool") else ""
         lines.append(f"{variant} thresholds, chosen by the model's rule on its own validation scores{pooled}: "
                      f"{describe(own)} (the model's: {describe(manifest['thresholds'])})"
