@@ -64,7 +64,7 @@ eval: $(STAMP) ## evaluate RUN (default: newest run) on the test split, or on DA
 threshold: $(STAMP) ## choose RUN's thresholds again on validation with CONFIG's eval settings (then make export)
 	$(PY) -m training.evaluate --config $(CONFIG) --rethreshold $(if $(RUN),--run $(RUN)) $(ARGS)
 
-interpolate: $(STAMP) ## RUN's encoder interpolated with the pretrained one (WiSE-FT) or WITH=<another run>, ALPHA=0.5: a new model dir, thresholds chosen again
+interpolate: $(STAMP) ## RUN's encoder interpolated with the pretrained one (WiSE-FT) or WITH=<another run>, ALPHA=0.5 (ARGS=--from-checkpoint: from RUN's best checkpoint as trained): a new model dir, thresholds chosen again
 	$(PY) -m training.interpolate --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(WITH),--with $(WITH)) $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
 
 baseline: $(STAMP) ## TF-IDF character n-grams + logistic regression, logged as its own MLflow run

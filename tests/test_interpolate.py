@@ -80,7 +80,11 @@ def test_command_line_errors_are_one_line(tiny_mean_model_dir, capsys):
     for args, message in ((["--run", str(tiny_mean_model_dir)], "has no pretrained weights"),
                           (["--run", str(tiny_mean_model_dir), "--alpha", "1"], "--alpha must be in [0, 1)"),
                           (["--run", str(tiny_mean_model_dir), "--with", str(tiny_mean_model_dir)],
-                           "--with must be another run than --run")):
+                           "--with must be another run than --run"),
+                          (["--run", str(tiny_mean_model_dir), "--from-checkpoint", "--with", str(tiny_mean_model_dir)],
+                           "--from-checkpoint and --with cannot be combined"),
+                          # the fixture's model dir has no checkpoints beside it
+                          (["--run", str(tiny_mean_model_dir), "--from-checkpoint"], "--from-checkpoint needs")):
         with pytest.raises(SystemExit) as e:
             main(["--config", "configs/smoke.yaml", *args])
         err = capsys.readouterr().err

@@ -434,6 +434,28 @@ def test_wise_alpha_interpolates_the_trained_encoder_with_the_backbone_as_loaded
 
     with pytest.raises(InterpolateError, match=r"already interpolated \(alpha 0.5, from training"):
         run(dirs[0.5], load_config(SMOKE, SHRINK), 0.5, pretrained={})
+    # --from-checkpoint: the best checkpoint kept beside the model dir, interpolated again at the same alpha,
+    # is the model make train wrote (so alpha can be chosen again without retraining)
+    cfg = load_config(SMOKE, overrides(prepared, tmp_path))
+    base = {name[len("bert."):]: t for name, t in initial.items() if name.startswith("bert.")}
+    again = run(dirs[0.5], cfg, 0.5, pretrained=base, from_checkpoint=True, out_dir=tmp_path / "again")
+    redone = load_classifier(again).state_dict()
+    assert all(redone[name].allclose(wise[name], atol=1e-6) for name in moved + head)
+    meta = json.loads((again / "spamlingo.json").read_text())
+    assert meta["interpolation"]["alpha"] == 0.5 and "/checkpoints/checkpoint-" in meta["interpolation"]["from"]
+    assert meta["threshold"] == pytest.approx(metas[0.5]["threshold"], abs=1e-6)  # the same rule, same scores
+    # a checkpoint that another run left under the same train.output_dir is refused, not interpolated
+    step = metas[0.5]["training"]["best_checkpoint_step"]
+    ckpt = dirs[0.5].parent / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt))
+    save_file({k: (v + 1 if k in head else v) for k, v in state.items()}, str(ckpt))
+    with pytest.raises(InterpolateError, match="is not .* checkpoint .* replaced it"):
+        run(dirs[0.5], cfg, 0.5, pretrained=base, from_checkpoint=True, out_dir=tmp_path / "other")
+    ckpt.unlink()
+    with pytest.raises(InterpolateError, match="is missing"):
+        run(dirs[0.5], cfg, 0.5, pretrained=base, from_checkpoint=True, out_dir=tmp_path / "other")
 
 
 # ------------------------------------------------------------------------------------------ resume, DDP

@@ -12,6 +12,12 @@ The result is a new model directory whose thresholds are chosen again on its val
     make interpolate RUN=<run id or model dir> ALPHA=0.5     # -> <model dir>-wise0.5
     make export RUN=<model dir>-wise0.5
 
+A run trained with `train.wise_alpha` < 1 is already interpolated; `--from-checkpoint` starts from its best
+checkpoint as trained instead (`<train.output_dir>/checkpoints/checkpoint-<best step>`, kept by training), so
+that α can be chosen again without retraining:
+
+    make interpolate RUN=<run> ALPHA=0.9 ARGS=--from-checkpoint
+
 With `--with <other run>` the other end is another run of the same recipe instead of the pretrained backbone:
 a weight average of two fine-tuned models ("model soup", Wortsman et al. 2022), e.g. two seeds. Both start
 from the same pretrained weights; their trimmed vocabularies may differ, so the word embeddings stay this
@@ -130,8 +136,39 @@ def _same_embedding_rows(dir_a: Path, model_a, dir_b: Path, model_b) -> bool:
     return bool(torch.equal(rows_a, rows_b))
 
 
+def load_best_checkpoint(model_dir: Path, meta: dict, model) -> Path:
+    """Load into `model` (loaded from the run's model dir) the weights of the run's best checkpoint as trained,
+    and return that checkpoint's directory. Training keeps it beside the model dir, and a later run with the same
+    train.output_dir replaces it: a checkpoint that differs from the model where training leaves the weights as
+    trained (the head, after WiSE-FT; every weight without it) is another run's, and refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    step = (meta.get("training") or {}).get("best_checkpoint_step")
+    if step is None:
+        raise InterpolateError(f"{model_dir}/spamlingo.json does not say which checkpoint was best (training."
+                               "best_checkpoint_step): --from-checkpoint needs a model dir written by make train")
+    ckpt = Path(model_dir).parent / "checkpoints" / f"checkpoint-{step}"
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise InterpolateError(f"{weights} is missing: the run's best checkpoint is not kept beside {model_dir} "
+                               "(moved, or removed by a later run with the same train.output_dir)")
+    state = load_file(str(weights))
+    own = model.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise InterpolateError(f"{ckpt} holds another architecture than {model_dir}: it is not this run's")
+    # an interpolated model dir keeps these as trained; one trained with wise_alpha 1 is the checkpoint itself
+    same = (meta.get("interpolation") or {}).get("kept_as_trained") or list(own)
+    if any(not torch.equal(state[k], own[k]) for k in same):
+        raise InterpolateError(f"{ckpt} is not {model_dir}'s checkpoint (its weights differ from the model's "
+                               "where training leaves them as trained): a later run with the same "
+                               "train.output_dir replaced it")
+    model.load_state_dict(state)
+    return ckpt
+
+
 def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrained: dict | None = None,
-        other_dir: Path | None = None) -> Path:
+        other_dir: Path | None = None, from_checkpoint: bool = False) -> Path:
     """Interpolate `model_dir` into `out_dir` (default: `<model_dir>-wise<alpha>`, or `-avg<alpha>` with
     `other_dir`) with the pretrained backbone, or with `other_dir`'s weights (another run of the same recipe),
     choose its thresholds again with `cfg.eval` and return it."""
@@ -145,6 +182,12 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     meta = read_meta(model_dir)
     model = load_classifier(model_dir, local_files_only=True)
     same_rows = True
+    if from_checkpoint:
+        if other_dir is not None:
+            raise InterpolateError("--from-checkpoint and --with cannot be combined: average two runs as written")
+        ckpt = load_best_checkpoint(model_dir, meta, model)
+        print(f"starting from {ckpt}, the run's best checkpoint as trained")
+        meta["interpolation"] = None
     if other_dir is not None:
         pretrained, other, same_rows = other_run_state(model_dir, meta, model, Path(other_dir))
         source = f"run {Path(other_dir).resolve()}"
@@ -154,6 +197,8 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
                                f"{done['from']}): start from a model as trained (train.wise_alpha=1.0)")
     else:
         source = f"the pretrained {meta['backbone']}"
+    if from_checkpoint:
+        source += " (from the best checkpoint as trained)"
     out_dir = Path(out_dir or f"{model_dir}-{'avg' if other_dir is not None else 'wise'}{alpha:g}")
     if out_dir.resolve() == model_dir.resolve():
         raise InterpolateError("--out must be another directory than the model's")
@@ -169,7 +214,8 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     model.save_pretrained(out_dir)
     # a new model: not the MLflow run's (its metrics are the trained model's); the source is named instead
     if other_dir is None:
-        meta.update(mlflow_run_id=None, interpolation=record(alpha, str(model_dir.resolve()), report))
+        meta.update(mlflow_run_id=None, interpolation=record(
+            alpha, str((ckpt if from_checkpoint else model_dir).resolve()), report))
     else:  # the runs' own WiSE-FT record stays; the average is recorded beside it
         meta.update(mlflow_run_id=None, averaged_with={
             **record(alpha, str(model_dir.resolve()), report), "other": str(Path(other_dir).resolve()),
@@ -192,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(0 = the pretrained encoder, or the --with run; default: %(default)s)")
     parser.add_argument("--with", dest="other", default=None, help="another run of the same recipe (run id or "
                         "model directory) to average with, instead of the pretrained backbone")
+    parser.add_argument("--from-checkpoint", action="store_true", help="start from the run's best checkpoint as "
+                        "trained (kept in <train.output_dir>/checkpoints), not from its model dir, which make train "
+                        "interpolated already with train.wise_alpha < 1")
     parser.add_argument("--out", default=None, help="output model directory (default: <model dir>-wise<alpha>, "
                         "or -avg<alpha> with --with)")
     args = parser.parse_args(argv)
@@ -203,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         other = resolve_model_dir(args.other, cfg) if args.other else None
         out = run(resolve_model_dir(args.run, cfg), cfg, args.alpha, Path(args.out) if args.out else None,
-                  other_dir=other)
+                  other_dir=other, from_checkpoint=args.from_checkpoint)
     except (ConfigError, TrackingError, EvaluateError, DataError, InterpolateError) as e:
         fail(str(e))
     print(f"next: make export RUN={out}", file=sys.stderr)
