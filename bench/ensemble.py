@@ -6,8 +6,8 @@ Issue #10 lists "an ensemble with the TF-IDF model where it beats both" among th
 p = sigmoid(w * logit(p_model) + (1 - w) * logit(p_baseline)), its one threshold chosen on the validation split
 by the config's rule (eval.threshold_rule, eval.target_fpr, eval.language_balanced_fpr) as each model's own is;
 w = 1 is the model alone, w = 0 the baseline alone. Scored on the test split, on the out-of-distribution sets
-(ood.unseen_ham, ood.eval_sets, ood.hard_negatives) and on each leave-one-corpus-out fold whose models `make ood` left in
-<train.output_dir>-ood/<fold>/ (the fold's validation rows choose its threshold; a fold without them is
+(ood.unseen_ham, ood.eval_sets, ood.hard_negatives) and on each leave-one-corpus-out fold whose models `make ood`
+left in <train.output_dir>-ood/<fold>/ (the fold's validation rows choose its threshold; a fold without them is
 listed as skipped). The model is its bundle's graph when it has one, as in `make ood`; the baseline is the
 one `make ood` compares with. Nothing here is served: a bundle carries the model only.
 """

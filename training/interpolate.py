@@ -182,11 +182,12 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     meta = read_meta(model_dir)
     model = load_classifier(model_dir, local_files_only=True)
     same_rows = True
+    origin = model_dir  # where the weights interpolated here were read from
     if from_checkpoint:
         if other_dir is not None:
             raise InterpolateError("--from-checkpoint and --with cannot be combined: average two runs as written")
-        ckpt = load_best_checkpoint(model_dir, meta, model)
-        print(f"starting from {ckpt}, the run's best checkpoint as trained")
+        origin = load_best_checkpoint(model_dir, meta, model)
+        print(f"starting from {origin}, the run's best checkpoint as trained")
         meta["interpolation"] = None
     if other_dir is not None:
         pretrained, other, same_rows = other_run_state(model_dir, meta, model, Path(other_dir))
@@ -197,7 +198,7 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
                                f"{done['from']}): start from a model as trained (train.wise_alpha=1.0)")
     else:
         source = f"the pretrained {meta['backbone']}"
-    if from_checkpoint:
+    if origin != model_dir:
         source += " (from the best checkpoint as trained)"
     out_dir = Path(out_dir or f"{model_dir}-{'avg' if other_dir is not None else 'wise'}{alpha:g}")
     if out_dir.resolve() == model_dir.resolve():
@@ -214,8 +215,7 @@ def run(model_dir: Path, cfg, alpha: float, out_dir: Path | None = None, pretrai
     model.save_pretrained(out_dir)
     # a new model: not the MLflow run's (its metrics are the trained model's); the source is named instead
     if other_dir is None:
-        meta.update(mlflow_run_id=None, interpolation=record(
-            alpha, str((ckpt if from_checkpoint else model_dir).resolve()), report))
+        meta.update(mlflow_run_id=None, interpolation=record(alpha, str(origin.resolve()), report))
     else:  # the runs' own WiSE-FT record stays; the average is recorded beside it
         meta.update(mlflow_run_id=None, averaged_with={
             **record(alpha, str(model_dir.resolve()), report), "other": str(Path(other_dir).resolve()),

@@ -441,10 +441,10 @@ def balance_text(choice: Mapping) -> str:
             + (f" ({mean:.4f} at this threshold)" if mean is not None else ""))
 
 
-
 def choice_text(choice: Mapping) -> str:
     """`balance_text` and `spread_text` on one line ("" when both are empty), for one-line threshold reports."""
     return "; ".join(t for t in (balance_text(choice), spread_text(choice)) if t)
+
 
 # ------------------------------------------------------------------------------------------ metrics
 
