@@ -5,10 +5,10 @@
     python -m bench.run --quick --only size               # small samples (tests, a first look)
 
 Figures: quality, speed_engines, speed_server, speed_training, size, feedback, explain (`--only speed` = the three
-speed figures); ood and ensemble only when asked for (`--only ood`, `--only ensemble`). Each runs as
-`python -m bench.run --figure NAME ...` in a fresh process, so one figure's threads, caches and memory cannot
-skew another's, and writes bench/results/NAME.json (machine, versions, date, inputs, the command that
-reproduces it, the numbers). BENCHMARKS.md is then rebuilt from every JSON file there; it is generated,
+speed figures); ood and the ensemble and probe studies only when asked for (`--only ood`, `--only ensemble`,
+`--only probe`). Each runs as `python -m bench.run --figure NAME ...` in a fresh process, so one figure's
+threads, caches and memory cannot skew another's, and writes bench/results/NAME.json (machine, versions, date,
+inputs, the command that reproduces it, the numbers). BENCHMARKS.md is then rebuilt from every JSON file there; it is generated,
 never edited by hand.
 
 Sample and step counts keep `make bench` under 20 minutes on 2 cores with multilingual-e5-small (7.5
@@ -42,10 +42,11 @@ FIGURES = {  # name -> module; also the order of BENCHMARKS.md
     "explain": "bench.explain",
     "ood": "bench.ood",
     "ensemble": "bench.ensemble",
+    "probe": "bench.probe",
 }
 # A plain `make bench` measures these; `ood` trains its folds' models, so it runs on its own (`make ood`), and
-# `ensemble` (a study, not a shipped figure) reads the models those folds leave.
-DEFAULT_FIGURES = [f for f in FIGURES if f not in ("ood", "ensemble")]
+# `ensemble` and `probe` (studies, not shipped figures) read the models those folds leave.
+DEFAULT_FIGURES = [f for f in FIGURES if f not in ("ood", "ensemble", "probe")]
 GROUPS = {"speed": ["speed_engines", "speed_server", "speed_training"]}
 RESULTS = "bench/results"
 MARKDOWN = "BENCHMARKS.md"

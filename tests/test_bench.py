@@ -167,7 +167,7 @@ def test_missing_inputs_name_the_make_command(tmp_path, tiny_model_dir):
 
 def test_only_accepts_figures_and_groups():
     # a plain make bench: every figure but ood, whose folds train models (make ood runs it)
-    assert bench_run.select("") == [f for f in bench_run.FIGURES if f not in ("ood", "ensemble")]
+    assert bench_run.select("") == [f for f in bench_run.FIGURES if f not in ("ood", "ensemble", "probe")]
     assert bench_run.select("ood") == ["ood"]
     assert bench_run.select("speed,size") == ["speed_engines", "speed_server", "speed_training", "size"]
     with pytest.raises(bench_run.BenchError, match="unknown figure 'fast'"):
@@ -364,3 +364,54 @@ def test_reproduce_command_names_a_figures_own_bundle_relative_to_the_repository
     assert cmd == "python -m bench.run --only ensemble --run r1 --bundle bundles/b1 --threads 2"
     # said once when the figure's inputs already name it
     assert reproduce_command("ensemble", args, "r1", "bundles/b1").count("--bundle") == 1
+
+
+def test_probe_figure_ranks_the_run_and_each_fold_by_head_and_refit(tmp_path, tiny_mean_model_dir, tiny_data_dir):
+    """bench.run --only probe on the tiny mean-pooled model: the run's test split and held-out file and a fold
+    whose models are on disk, each ranked by the model's own head (the same scores evaluation gives), by a
+    regression fitted again on its features, and by the fold's baseline; the tiny backbone has no pretrained
+    weights, so no frozen probe, said once."""
+    import shutil
+
+    import numpy as np
+    from datasets import load_from_disk
+    from sklearn.metrics import roc_auc_score
+
+    from serving.thresholds import from_threshold
+    from training.baseline import BaselineSettings, build_pipeline, save_pipeline
+    from training.evaluate import load_model, predict_proba
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n" for t, lab in
+                            [("恭喜您中奖了，点击链接领取", "spam"), ("今晚一起吃饭吗", "ham"),
+                             ("무료 쿠폰 지급! 지금 클릭", "spam"), ("내일 회의는 3시입니다", "ham")] * 3),
+                    encoding="utf-8")
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text(f"inherit: {ROOT / 'configs' / 'smoke.yaml'}\ndata:\n  output_dir: {tmp_path / 'data'}\n"
+                   f"train:\n  output_dir: {tmp_path / 'run'}\nood:\n  eval_sets: [{held}]\n", encoding="utf-8")
+    fold = tmp_path / "run-ood" / "zh_sms"  # as make ood leaves a fold: model/ and baseline/
+    shutil.copytree(tiny_mean_model_dir, fold / "model")
+    train = load_from_disk(str(tiny_data_dir / "dataset"))["train"]
+    pipe = build_pipeline(BaselineSettings(min_df=1)).fit(list(train["text"]), np.asarray(train["label"]))
+    save_pipeline(pipe, fold / "baseline", {"threshold": 0.5, "thresholds": from_threshold(0.5), "mask_digits": True})
+    proc = _bench("--config", str(cfg), "--run", str(tiny_mean_model_dir), "--only", "probe", "--threads", "1",
+                  "--results", str(tmp_path / "results"), "--markdown", str(tmp_path / "BENCH.md"),
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results" / "probe.json").read_text(encoding="utf-8"))["result"]
+    scopes = {s["scope"]: s for s in res["scopes"]}
+    assert set(scopes) == {"run:test", "run:eval_sets", "fold:zh_sms"}
+    assert scopes["run:eval_sets"]["rows"] == 12 and scopes["run:eval_sets"]["spam"] == 6
+    # the model's column is the model's own scores, read from its features through its head
+    model, encoder, _ = load_model(tiny_mean_model_dir, "cpu")
+    test = load_from_disk(str(tiny_data_dir / "dataset"))["test"]
+    want = roc_auc_score(test["label"], predict_proba(model, encoder, list(test["text"]), progress=False))
+    assert abs(scopes["run:test"]["model"]["roc_auc"] - want) < 1e-6
+    assert scopes["run:test"]["train_rows"] == len(train)  # the tiny model read every training row
+    for s in scopes.values():
+        assert 0.0 <= s["refit"]["roc_auc"] <= 1.0 and s["frozen"] is None
+    assert scopes["fold:zh_sms"]["baseline"]["roc_auc"] is not None and scopes["run:test"]["baseline"] is None
+    assert "pretrained" in res["frozen_skipped"] and "baseline" in res["baseline_skipped"]
+    assert set(res["skipped_folds"]) == {"email", "spamassassin", "cjk_seed", "seeded"}
+    md = (tmp_path / "BENCH.md").read_text(encoding="utf-8")
+    assert "Probe study" in md and "| fold:zh_sms |" in md and "No frozen probe" in md

@@ -191,7 +191,6 @@ def linear_probe(model, encoder, input_ids: list[list[int]], labels: list[int], 
     that fine-tuning starts from it (the LP of LP-FT). Returns a report for MLflow."""
     import numpy as np
     import torch
-    from sklearn.linear_model import LogisticRegression
 
     if pooling_of(model) != "mean":
         from training.config import ConfigError
@@ -200,17 +199,26 @@ def linear_probe(model, encoder, input_ids: list[list[int]], labels: list[int], 
     t0 = time.perf_counter()
     x = pooled_features(model, encoder, input_ids, batch_size, desc="linear probe: features")
     y = np.asarray(labels)
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    lr = LogisticRegression(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)
-    lr.fit((x - mean) / std, y)
-    # Standardisation folded into the linear layer: w·((x-m)/s)+b = (w/s)·x + (b - w·m/s). Two logits whose
-    # difference is the probe's log-odds: softmax(logits)[1] equals the probe's probability.
-    w = lr.coef_[0] / std
-    b = float(lr.intercept_[0] - (lr.coef_[0] * mean / std).sum())
+    w, b, train_acc = fit_probe(x, y, C, class_weight, seed)
+    # Two logits whose difference is the probe's log-odds: softmax(logits)[1] equals the probe's probability.
     with torch.no_grad():
         head = model.classifier
         head.weight.copy_(torch.from_numpy(np.stack([-w / 2, w / 2]).astype(np.float32)))
         head.bias.copy_(torch.tensor([-b / 2, b / 2], dtype=torch.float32))
-    train_acc = float((lr.predict((x - mean) / std) == y).mean())
     return {"rows": int(len(y)), "C": C, "train_accuracy": train_acc, "seconds": time.perf_counter() - t0,
             "feature_norm_mean": float(np.linalg.norm(x, axis=1).mean())}
+
+
+def fit_probe(x, y, C: float = 1.0, class_weight: str | None = "balanced", seed: int = 13):
+    """(w, b, training accuracy) of a logistic regression on standardised features `x`, with the
+    standardisation folded in: w·((x-m)/s)+b' = (w/s)·x + (b' - w·m/s), so x @ w + b is the log-odds of spam."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    lr = LogisticRegression(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)
+    lr.fit((x - mean) / std, y)
+    w = lr.coef_[0] / std
+    b = float(lr.intercept_[0] - (lr.coef_[0] * mean / std).sum())
+    return w, b, float((lr.predict((x - mean) / std) == y).mean())
