@@ -301,17 +301,28 @@ def test_ensemble_threshold_follows_the_configs_language_balance():
     assert got_on == want[True] and got_off == want[False] and got_on != got_off
 
 
-def test_ensemble_figure_sweeps_weights_on_each_set_and_fold(tmp_path, tiny_model_dir, tiny_bundle, tiny_data_dir):
-    """bench.run --only ensemble on the tiny model and bundle: a sweep per weight on the test split and the
-    out-of-distribution files, a fold whose models are on disk scored, the others listed as skipped."""
+def _fold_on_disk(fold: Path, model_dir: Path, data_dir: Path):
+    """A fold as make ood leaves it: model/ (a copy of `model_dir`) and baseline/ (TF-IDF fitted on the training
+    split of `data_dir`, which is returned)."""
     import shutil
 
     import numpy as np
     from datasets import load_from_disk
 
     from serving.thresholds import from_threshold
-    from training import ood
     from training.baseline import BaselineSettings, build_pipeline, save_pipeline
+
+    shutil.copytree(model_dir, fold / "model")
+    train = load_from_disk(str(data_dir / "dataset"))["train"]
+    pipe = build_pipeline(BaselineSettings(min_df=1)).fit(list(train["text"]), np.asarray(train["label"]))
+    save_pipeline(pipe, fold / "baseline", {"threshold": 0.5, "thresholds": from_threshold(0.5), "mask_digits": True})
+    return train
+
+
+def test_ensemble_figure_sweeps_weights_on_each_set_and_fold(tmp_path, tiny_model_dir, tiny_bundle, tiny_data_dir):
+    """bench.run --only ensemble on the tiny model and bundle: a sweep per weight on the test split and the
+    out-of-distribution files, a fold whose models are on disk scored, the others listed as skipped."""
+    from training import ood
 
     rows = {"ham": ["明天的会议改到下午三点", "내일 몇 시에 만날까요?", "明日は何時に集合しますか", "Are we still meeting?"],
             "eval": [("恭喜您中奖了，点击链接领取", "spam"), ("今晚一起吃饭吗", "ham")] * 6
@@ -327,11 +338,7 @@ def test_ensemble_figure_sweeps_weights_on_each_set_and_fold(tmp_path, tiny_mode
     cfg.write_text(f"inherit: {ROOT / 'configs' / 'smoke.yaml'}\ndata:\n  output_dir: {tmp_path / 'data'}\n"
                    f"train:\n  output_dir: {tmp_path / 'run'}\nood:\n  unseen_ham: [{files['ham']}]\n"
                    f"  eval_sets: [{files['eval']}]\n  hard_negatives: [{files['hard']}]\n", encoding="utf-8")
-    fold = tmp_path / "run-ood" / "zh_sms"  # as make ood leaves a fold: model/ and baseline/
-    shutil.copytree(tiny_model_dir, fold / "model")
-    train = load_from_disk(str(tiny_data_dir / "dataset"))["train"]
-    pipe = build_pipeline(BaselineSettings(min_df=1)).fit(list(train["text"]), np.asarray(train["label"]))
-    save_pipeline(pipe, fold / "baseline", {"threshold": 0.5, "thresholds": from_threshold(0.5), "mask_digits": True})
+    _fold_on_disk(tmp_path / "run-ood" / "zh_sms", tiny_model_dir, tiny_data_dir)
     proc = _bench("--config", str(cfg), "--run", str(tiny_model_dir), "--bundle", str(tiny_bundle), "--only",
                   "ensemble", "--threads", "1", "--results", str(tmp_path / "results"), "--markdown",
                   str(tmp_path / "BENCH.md"), env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
@@ -371,14 +378,9 @@ def test_probe_figure_ranks_the_run_and_each_fold_by_head_and_refit(tmp_path, ti
     whose models are on disk, each ranked by the model's own head (the same scores evaluation gives), by a
     regression fitted again on its features, and by the fold's baseline; the tiny backbone has no pretrained
     weights, so no frozen probe, said once."""
-    import shutil
-
-    import numpy as np
     from datasets import load_from_disk
     from sklearn.metrics import roc_auc_score
 
-    from serving.thresholds import from_threshold
-    from training.baseline import BaselineSettings, build_pipeline, save_pipeline
     from training.evaluate import load_model, predict_proba
 
     held = tmp_path / "held.jsonl"
@@ -389,11 +391,7 @@ def test_probe_figure_ranks_the_run_and_each_fold_by_head_and_refit(tmp_path, ti
     cfg = tmp_path / "probe.yaml"
     cfg.write_text(f"inherit: {ROOT / 'configs' / 'smoke.yaml'}\ndata:\n  output_dir: {tmp_path / 'data'}\n"
                    f"train:\n  output_dir: {tmp_path / 'run'}\nood:\n  eval_sets: [{held}]\n", encoding="utf-8")
-    fold = tmp_path / "run-ood" / "zh_sms"  # as make ood leaves a fold: model/ and baseline/
-    shutil.copytree(tiny_mean_model_dir, fold / "model")
-    train = load_from_disk(str(tiny_data_dir / "dataset"))["train"]
-    pipe = build_pipeline(BaselineSettings(min_df=1)).fit(list(train["text"]), np.asarray(train["label"]))
-    save_pipeline(pipe, fold / "baseline", {"threshold": 0.5, "thresholds": from_threshold(0.5), "mask_digits": True})
+    train = _fold_on_disk(tmp_path / "run-ood" / "zh_sms", tiny_mean_model_dir, tiny_data_dir)
     proc = _bench("--config", str(cfg), "--run", str(tiny_mean_model_dir), "--only", "probe", "--threads", "1",
                   "--results", str(tmp_path / "results"), "--markdown", str(tmp_path / "BENCH.md"),
                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
