@@ -45,13 +45,13 @@ def _ranking(y: np.ndarray, p: np.ndarray | None) -> dict | None:
 
 
 class Features:
-    """Mean-pooled features of one model directory (and of its pretrained encoder, when `frozen`), by text."""
+    """Mean-pooled features of one model directory (and of its encoder reset to `pretrained` weights, if given), by text."""
 
-    def __init__(self, model_dir, batch_size: int, frozen: bool, cache_dir: str):
+    def __init__(self, model_dir, batch_size: int, pretrained: dict | None):
         import torch
 
         from training.evaluate import load_model
-        from training.interpolate import InterpolateError, interpolate, pretrained_state
+        from training.interpolate import interpolate
         from training.modeling import pooling_of
 
         self.model, self.encoder, self.meta = load_model(model_dir)
@@ -59,15 +59,10 @@ class Features:
             raise BenchError(f"{model_dir}: the probe study reads mean-pooled features (model.pooling=mean)")
         self.mask = bool(self.meta["text"].get("mask_digits", True))
         self.batch_size = batch_size
-        self.pretrained, self.frozen_skipped = None, None
-        if frozen:
-            try:
-                state = pretrained_state(self.meta["backbone"], cache_dir)
-            except InterpolateError as e:
-                self.frozen_skipped = str(e)
-            else:
-                self.pretrained = copy.deepcopy(self.model)
-                interpolate(self.pretrained, state, 0.0)
+        self.pretrained = None
+        if pretrained is not None:  # the backbone's weights, loaded once for the run and every fold
+            self.pretrained = copy.deepcopy(self.model)
+            interpolate(self.pretrained, pretrained, 0.0)
         with torch.no_grad():  # the head: two logits, their difference is the log-odds of spam
             weight = self.model.classifier.weight.detach().float().cpu().numpy()
             bias = self.model.classifier.bias.detach().float().cpu().numpy()
@@ -91,10 +86,10 @@ def probe_scopes(feats: Features, train_texts: list[str], train_labels, sets: di
     fitted = {"refit": fit_probe(feats.of(train_texts), y_train, C, "balanced", seed)[:2]}
     if feats.pretrained is not None:
         fitted["frozen"] = fit_probe(feats.of(train_texts, "frozen"), y_train, C, "balanced", seed)[:2]
-    out = []
     def log_odds(x, head):  # ranked as float64 log-odds: a float32 probability rounds confident rows to ties
         return x.astype(np.float64) @ np.asarray(head[0], dtype=np.float64) + head[1]
 
+    out = []
     for name, (texts, labels) in sets.items():
         y = np.asarray(labels, dtype=int)
         x = feats.of(texts)
@@ -115,6 +110,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     from training.config import resolve_path
     from training.data import ensure_prepared, load_splits
     from training.evaluate import _model_data, _split_rows
+    from training.interpolate import InterpolateError, pretrained_state
     from training.train import exclude_sources, rows_kept, rows_read
 
     torch.set_num_threads(max(1, threads))
@@ -134,8 +130,11 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
         baseline = ood.baseline_scorer(ood.find_baseline(cfg, inputs.meta, train_if_missing=False))
     except ood.OodError as e:
         baseline, result["baseline_skipped"] = None, str(e)
-    feats = Features(inputs.model_dir, bs, frozen=True, cache_dir=cache)
-    result["frozen_skipped"] = feats.frozen_skipped
+    try:
+        pretrained = pretrained_state(inputs.meta["backbone"], cache)
+    except InterpolateError as e:
+        pretrained, result["frozen_skipped"] = None, str(e)
+    feats = Features(inputs.model_dir, bs, pretrained)
     data = _model_data(inputs.model_dir, inputs.meta, cfg)  # the run's own splits
     test = _split_rows(inputs.model_dir, inputs.meta, cfg, "test", data)[0]
     sets = {"run:test": (list(test["text"]), list(test["label"]))}
@@ -153,7 +152,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
         if splits is None:  # the folds were trained on the config's data, as make ood prepares it
             ensure_prepared(cfg)
             splits = load_splits(cfg)
-        fold_feats = Features(base / "model", bs, frozen=feats.pretrained is not None, cache_dir=cache)
+        fold_feats = Features(base / "model", bs, pretrained)
         rows = ood.fold_rows(cfg, fold, splits)
         fold_baseline = (ood.baseline_scorer(base / "baseline") if (base / "baseline" / "baseline.json").is_file()
                          else None)
