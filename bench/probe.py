@@ -45,7 +45,7 @@ def _ranking(y: np.ndarray, p: np.ndarray | None) -> dict | None:
 
 
 class Features:
-    """Mean-pooled features of one model directory (and of its encoder reset to `pretrained` weights, if given), by text."""
+    """Mean-pooled features of one model directory (and of its encoder reset to `pretrained` weights), by text."""
 
     def __init__(self, model_dir, batch_size: int, pretrained: dict | None):
         import torch
