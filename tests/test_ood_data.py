@@ -41,8 +41,8 @@ def test_the_benchmark_files_are_the_configured_ones_and_none_is_a_training_corp
 
 def test_no_benchmark_text_is_in_the_training_corpora():
     train = set()
-    for name in ("cjk_seed", "licensed_ham", "notice_seed", "zh_scam_seed", "zh_ad_seed", "zh_mail_seed",
-                 "everyday_zh"):
+    for name in ("cjk_seed", "licensed_ham", "notice_seed", "zh_scam_seed", "zh_ad_seed", "zh_news_seed",
+                 "zh_mail_seed", "everyday_zh"):
         train |= {r["text"] for r in read_labelled_file(resolve_path(CFG.data.corpora[name].path))}
     for path in BENCH_FILES:
         shared = [r["text"] for r in read_labelled_file(resolve_path(path)) if r["text"] in train]

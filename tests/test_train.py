@@ -34,7 +34,8 @@ SHRINK = [
     # the step counts below are for these four corpora; the seed and licensed-ham corpora add rows
     "data.corpora.cjk_seed.enabled=false", "data.corpora.licensed_ham.enabled=false",
     "data.corpora.notice_seed.enabled=false", "data.corpora.zh_scam_seed.enabled=false",
-    "data.corpora.zh_mail_seed.enabled=false",
+    "data.corpora.zh_mail_seed.enabled=false", "data.corpora.zh_ad_seed.enabled=false",
+    "data.corpora.zh_news_seed.enabled=false",
 ]
 
 
