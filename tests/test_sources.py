@@ -178,7 +178,8 @@ def test_the_written_corpora_load_through_the_default_config_with_their_cards():
     assert len(scams) == 518 and sum(r["label"] for r in scams) == 259  # half spam, as its card says
     raw = [json.loads(line) for line in (ROOT / "data/raw/zh_scam_seed/zh_scam_seed.jsonl").open(encoding="utf-8")]
     assert {r["script"] for r in raw} == {"hans", "hant"} and len({r["id"] for r in raw}) == 518
-    for name, rows, spam in (("zh_ad_seed", 600, 360), ("zh_news_seed", 500, 0), ("zh_mail_seed", 500, 200)):  # cards
+    # as their cards say
+    for name, rows, spam in (("zh_ad_seed", 600, 360), ("zh_news_seed", 500, 0), ("zh_mail_seed", 500, 200)):
         got = load_corpus(name, cfg.data.corpora[name], cfg.data, DropLog())
         assert len(got) == rows and sum(r["label"] for r in got) == spam, name
         raw = [json.loads(line) for line in (ROOT / f"data/raw/{name}/{name}.jsonl").open(encoding="utf-8")]
