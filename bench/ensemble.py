@@ -81,7 +81,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0, bundle: st
     from training.config import resolve_path
     from training.data import ensure_prepared, load_splits
     from training.evaluate import _model_data, _split_rows
-    from training.train import exclude_sources
+    from training.rows import exclude_sources
 
     cfg = inputs.cfg
     try:

@@ -111,7 +111,7 @@ def measure(inputs: Inputs, quick: bool, threads: int, seed: int = 0) -> dict:
     from training.data import ensure_prepared, load_splits
     from training.evaluate import _model_data, _split_rows
     from training.interpolate import InterpolateError, pretrained_state
-    from training.train import exclude_sources, rows_kept, rows_read
+    from training.rows import exclude_sources, rows_kept, rows_read
 
     torch.set_num_threads(max(1, threads))
     cfg = inputs.cfg

@@ -312,7 +312,7 @@ def test_a_model_thresholded_with_unread_ham_gets_the_int8_threshold_the_same_wa
     from datasets import load_from_disk
 
     from training.metrics import HamPool, threshold_policy
-    from training.train import rows_read, unread_ham
+    from training.rows import rows_read, unread_ham
 
     model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     meta = json.loads((model_dir / "spamlingo.json").read_text(encoding="utf-8"))

@@ -201,7 +201,7 @@ def test_exclude_sources_leaves_the_held_out_corpus_out_of_training_and_validati
     from datasets import load_from_disk
 
     from training.config import ConfigError
-    from training.train import cap_training_rows, exclude_sources
+    from training.rows import cap_training_rows, exclude_sources
 
     splits = load_from_disk(str(tiny_data_dir / "dataset"))
     fold = exclude_sources(splits, ["tiny_ja"])

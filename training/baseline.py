@@ -139,7 +139,7 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     t0 = time.time()
     data_dir = ensure_prepared(cfg)
     from training.augment import augment_rows
-    from training.train import exclude_sources, ham_pool, rows_kept, rows_read
+    from training.rows import exclude_sources, ham_pool, rows_kept, rows_read
 
     splits = exclude_sources(load_splits(cfg), cfg.train.exclude_sources)
     train, val, test = splits["train"], splits["validation"], splits["test"]

@@ -143,7 +143,7 @@ class TrainConfig:
     # validation and test splits are never capped, so runs on one prepared dataset stay comparable
     rows_per_source: dict[str, int] = field(default_factory=dict)  # a source's own cap instead (0 = no cap)
     # a capped source gives each epoch rows the earlier epochs did not read (while it has any), so the same
-    # steps read more distinct rows; epoch 0 reads the rows the caps keep (training/train.epoch_row_sets)
+    # steps read more distinct rows; epoch 0 reads the rows the caps keep (training/rows.epoch_row_sets)
     fresh_rows_per_epoch: bool = False
     # copies of a share of the training rows rewritten by an evasion perturbation, ham and spam alike, e.g.
     # {zh_traditional: 0.3}: the training split only (training/augment.py)

@@ -377,7 +377,7 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
     e = cfg.eval
     pool = None
     if e.threshold_unread_ham:
-        from training.train import ham_pool
+        from training.rows import ham_pool
 
         train = _split_rows(model_dir, meta, cfg, "train", data)[0]
         pool = ham_pool(cfg, train, rows["source"], lambda texts: predict_proba(

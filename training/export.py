@@ -670,7 +670,7 @@ def _int8_pool(cfg: Config, policy: dict, data: ParityData, work: _Work, encoder
     from tqdm.auto import tqdm
 
     from training.config import with_overrides
-    from training.train import ham_pool
+    from training.rows import ham_pool
 
     clf = work.classifier("int8")
 

@@ -377,7 +377,7 @@ class HamPool:
     langs: list[str]
     val_sources: list[str]  # one per validation row (the weights need each source's validation ham count)
     origin: str = "training rows the model did not read"
-    rows_read: dict | None = None  # the caps whose complement the pooled rows are (training.train.rows_read)
+    rows_read: dict | None = None  # the caps whose complement the pooled rows are (training.rows.rows_read)
 
     def join(self, y, p, langs):
         """(y, p, langs, weights, groups) of validation followed by the pooled ham."""

@@ -55,7 +55,7 @@ class LengthGroupedSampler(_EpochSampler):
 
 
 class EpochSubsetSampler(_EpochSampler):
-    """Epoch e reads only the rows `subsets[e]` (train.fresh_rows_per_epoch: training/train.epoch_row_sets),
+    """Epoch e reads only the rows `subsets[e]` (train.fresh_rows_per_epoch: training/rows.epoch_row_sets),
     length-grouped like LengthGroupedSampler when `lengths` is given, else shuffled."""
 
     def __init__(self, subsets: list[list[int]], lengths: list[int] | None, batch_size: int, seed: int):
