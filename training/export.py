@@ -6,11 +6,11 @@
 Steps
 1. Resolve RUN to a model directory (a directory is used as is; an MLflow run id through
    training.tracking.resolve_model_dir) and read its spamlingo.json (labels, threshold, text settings).
-2. fp32 graph: torch.onnx.export with dynamic batch and sequence axes at opset `export.opset`. The
-   TorchScript exporter (dynamo=False) is tried first: on BERT-style encoders in torch 2.13 it is ~20x
-   faster to export, emits opset 17 natively, and its graph runs ~3x faster in ONNX Runtime than the
-   dynamo graph (whose attention ONNX Runtime's BERT fusions do not recognise). The dynamo exporter is the
-   fallback (`--exporter` chooses). Attention is exported in its "eager" form, which ONNX Runtime fuses.
+2. fp32 graph (training/onnx_graph.py): torch.onnx.export with dynamic batch and sequence axes at opset
+   `export.opset`. The TorchScript exporter (dynamo=False) is tried first: on BERT-style encoders in torch
+   2.13 it is ~20x faster to export, emits opset 17 natively, and its graph runs ~3x faster in ONNX Runtime
+   than the dynamo graph (whose attention ONNX Runtime's BERT fusions do not recognise). The dynamo exporter
+   is the fallback (`--exporter` chooses). Attention is exported in its "eager" form, which ONNX Runtime fuses.
 3. Parity gate (fp32): ONNX Runtime vs PyTorch on validation texts: max |Δlogit| <= export.max_abs_logit_diff
    and the same label on every row (each row at its language's threshold from the model's policy,
    serving/thresholds.py), else the export fails. With `export.optimize`, ONNX Runtime's
@@ -35,23 +35,22 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import logging
 import math
 import re
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from serving import thresholds as TH
 from serving.bundle import FORMAT_VERSION, TOKENIZER, BundleError, load_bundle, write_manifest
-from serving.inference import Classifier, Prepared, length_batches, prepare_texts, spam_probability
+from serving.inference import Classifier, Prepared, prepare_texts, spam_probability
 from serving.text import Encoder, TextSettings
 from training import token_scores as TS
+from training.onnx_graph import GRAPH_INPUTS, OUTPUT, example_batch, export_graph, optimize_graph, torch_logits
 from training.parity import fp32_parity, int8_parity, parity_table
 from training.quantize import int8_recipes, quantize
 from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
@@ -60,11 +59,6 @@ MODEL_META = "spamlingo.json"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 EXPORTERS = ("auto", "torchscript", "dynamo")
-GRAPH_INPUTS = ["input_ids", "attention_mask"]  # what serving.text.Encoder produces; single-segment
-# messages need no token_type_ids (the model's default, zeros, is what training used too)
-OUTPUT = "logits"
-# ONNX Runtime's transformer optimizer handles these encoder families as "bert".
-_FUSABLE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"}
 
 
 class ExportError(Exception):
@@ -222,119 +216,6 @@ def load_torch_model(model_dir: Path):
     except (OSError, ValueError) as e:
         raise ExportError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
     return model.eval()
-
-
-def torch_logits(model, encoder, prepared: Sequence[Prepared], batch_size: int = 32,
-                 show: bool = False) -> "np.ndarray":
-    """PyTorch logits of prepared texts, in the same length-sorted sub-batches the Classifier uses."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    out = np.empty((len(prepared), 2), dtype=np.float64)
-    batches = length_batches([len(p) for p in prepared], batch_size)
-    with torch.inference_mode():
-        for idx in tqdm(batches, desc="PyTorch reference", unit="batch", disable=not show, leave=False):
-            ids, mask = encoder.pad([prepared[k].encoded for k in idx])
-            logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-            out[idx] = logits.float().numpy()
-    return out
-
-
-class _LogitsOnly:
-    """Wraps the classifier so the graph has named tensor inputs and one output, `logits`."""
-
-    def __new__(cls, model):
-        import torch
-
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, input_ids, attention_mask):
-                return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        return Wrapper(model).eval()
-
-
-def _example_batch(encoder, prepared: Sequence[Prepared]):
-    """Two real rows of different lengths (so padding and the mask are traced), at least 8 tokens wide."""
-    import torch
-
-    items = sorted(prepared, key=len)[:1] + sorted(prepared, key=len)[-1:] if prepared else []
-    if len(items) < 2:
-        items = (list(items) * 2)[:2]
-    ids, mask = encoder.pad([i.encoded for i in items]) if items else (None, None)
-    if ids is None or ids.shape[1] < 8:
-        import numpy as np
-
-        ids = np.full((2, 8), 5, dtype=np.int64)
-        mask = np.ones_like(ids)
-        mask[1, 5:] = 0
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-def export_graph(model, path: Path, example, opset: int, exporter: str) -> dict:
-    """torch.onnx.export of the logits (and, for a mean-pooled model, token_scores: training/token_scores.py)
-    to `path` with dynamic batch/sequence axes; returns facts to record."""
-    import onnx
-    import torch
-
-    names = TS.outputs(model, OUTPUT)
-    wrapper = TS.wrapper(model) if len(names) > 1 else _LogitsOnly(model)
-    axes = {OUTPUT: {0: "batch"}, TS.TOKEN_SCORES: {0: "batch", 1: "sequence"}}
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
-        if exporter == "torchscript":
-            torch.onnx.export(
-                wrapper, example, str(path), input_names=GRAPH_INPUTS, output_names=names,
-                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                              "attention_mask": {0: "batch", 1: "sequence"}, **{n: axes[n] for n in names}},
-                opset_version=opset, dynamo=False,
-            )
-        elif exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            seq = torch.export.Dim("sequence", min=2, max=max(8, model.config.max_position_embeddings - 2))
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            torch.onnx.export(
-                wrapper, example, str(path), input_names=GRAPH_INPUTS, output_names=names,
-                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), opset_version=opset,
-                dynamo=True, external_data=False, verbose=False,
-            )
-        else:
-            raise ValueError(f"unknown exporter {exporter!r}")
-    seconds = time.perf_counter() - t0
-    graph = onnx.load(str(path), load_external_data=False)
-    onnx.checker.check_model(graph)
-    actual = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"exporter": exporter, "opset": actual, "seconds": round(seconds, 2), "torch": torch.__version__}
-
-
-def optimize_graph(src: Path, dst: Path, model_config, attention: bool = True) -> dict:
-    """ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, Gelu...). Graph-level only
-    (opt_level 0): hardware-specific rewrites are left to the session at load time. `attention=False` leaves
-    the attention projections as plain MatMuls (the int8 graph quantises them in blocks: training/quantize.py;
-    ONNX Runtime's MultiHeadAttention fusion, which would keep them outside a fused node, does not match this
-    graph)."""
-    model_type = getattr(model_config, "model_type", "")
-    if model_type not in _FUSABLE:
-        return {"applied": False, "reason": f"no ONNX Runtime fusions for model type '{model_type}'"}
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_attention = attention
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(sys.stderr):
-        opt = optimize_model(str(src), model_type="bert", num_heads=model_config.num_attention_heads,
-                             hidden_size=model_config.hidden_size, opt_level=0, optimization_options=options)
-    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    if not fused:
-        return {"applied": False, "reason": "no fusion pattern matched"}
-    opt.save_model_to_file(str(dst))
-    return {"applied": True, "fused": fused}
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -597,7 +478,7 @@ def export_bundle(
         if hasattr(model, "set_attn_implementation"):
             with contextlib.suppress(Exception):  # the attention pattern ONNX Runtime's fusions match
                 model.set_attn_implementation("eager")
-        graph, fp32_gate = _export_fp32(work, model, _example_batch(encoder, prepared), ecfg, exporter, say)
+        graph, fp32_gate = _export_fp32(work, model, example_batch(encoder, prepared), ecfg, exporter, say)
         graph["onnxruntime"] = onnxruntime.__version__
         if ecfg.optimize:
             graph["optimization"], fp32_gate = _fuse(work, model.config, fp32_gate, ecfg.max_abs_logit_diff)
