@@ -26,13 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import Config, ConfigError, cli_args, fail, load_config, resolve_path
-from training.rows import (
-    rows_read,
-    row_plan,
-    ham_pool,
-    exclude_sources,
-    cap_eval_rows,
-)
+from training.rows import cap_eval_rows, exclude_sources, ham_pool, row_plan, rows_read
 from training.trainer import (
     BalancedSampler,
     EpochSubsetSampler,
