@@ -177,6 +177,16 @@ def test_render_shows_every_scope():
     assert "| overall | 10 (4) | 0.900 | 0.950 | 1.000 | 10.00% | — | 0.500 | — |" in md  # — : no spread
 
 
+def test_render_names_each_folds_held_out_corpora_and_the_reference_fold():
+    proto = {"name": "loco", "scopes": [], "fold_overrides": ["train.max_rows_per_source=500"],
+             "folds": [{"fold": "email", "exclude": ["spamassassin", "enron"], "test_rows": 2000, "seconds": 349.4},
+                       {"fold": "seeded", "exclude": [], "test_rows": 642, "seconds": 466.0}]}
+    md = ood.render({"protocols": [proto]})
+    assert "Fold budget: `train.max_rows_per_source=500`" in md
+    assert "email (without spamassassin, enron, 2,000 rows scored, 349 s)" in md
+    assert "seeded (on every corpus: the reference fold, 642 rows scored, 466 s)" in md
+
+
 # ------------------------------------------------------------------------------------------ folds
 
 
@@ -224,6 +234,7 @@ def test_a_fold_trains_without_its_corpus_and_scores_it(tmp_path, store):
     cfg.data.corpora = {name: CorpusConfig(path=c["path"], format="csv")
                         for name, c in _tiny_corpora(tmp_path).items()}
     cfg.ood.fold_overrides = ["train.max_steps=4", "train.evaluate_test=false"]
+    cfg.train.rows_per_source = {}  # the smoke config's own caps name corpora these tiny ones replace
     cfg.data.corpora["off"] = CorpusConfig(path="nowhere.csv", enabled=False)  # defined, left out of the mix
     cfg.ood.folds = {"ja": FoldConfig(exclude=["tiny_ja", "off"])}
     result = ood.loco(cfg)

@@ -424,8 +424,7 @@ def loco(cfg: Config, base_overrides: Sequence[str] = (), only: Sequence[str] = 
             f"tracking.experiment={cfg.tracking.experiment}-ood", f"tracking.run_name=ood-{name}",
             "tracking.register_as=", "train.resume=false",
         ])
-        print(f"\n[loco {name}] training without {', '.join(fold.exclude) or 'nothing (the reference fold)'}",
-              flush=True)
+        print(f"\n[loco {name}] training {_without(fold.exclude)}", flush=True)
         model_dir = train(fold_cfg).model_dir
         base = run_baseline(fold_cfg, capped=True, out_dir=resolve_path(fold_cfg.train.output_dir) / "baseline")
         scorers = {"model": model_dir_scorer(model_dir, cfg.eval.batch_size),
@@ -578,6 +577,10 @@ def render_protocol(proto: dict) -> str:
     return "\n".join(lines)
 
 
+def _without(exclude) -> str:
+    return f"without {', '.join(exclude)}" if exclude else "on every corpus: the reference fold"
+
+
 def render(result: dict) -> str:
     parts = []
     if result.get("model"):
@@ -586,6 +589,6 @@ def render(result: dict) -> str:
         parts.append(render_protocol(proto))
         if proto["name"] == "loco" and proto.get("fold_overrides"):
             parts.append("Fold budget: `" + " ".join(proto["fold_overrides"]) + "`; folds: " + ", ".join(
-                f"{f['fold']} (without {', '.join(f['exclude'])}, {f['test_rows']:,} rows scored, "
+                f"{f['fold']} ({_without(f['exclude'])}, {f['test_rows']:,} rows scored, "
                 f"{f['seconds']:.0f} s)" for f in proto.get("folds", [])) + ".")
     return "\n\n".join(parts)
