@@ -167,10 +167,10 @@ def _check(cfg: Config) -> None:
     from training.augment import check as check_augment
 
     check_augment(t.augment)
-    corpora = sorted(name for name, c in cfg.data.corpora.items() if c.enabled)
+    corpora = sorted(cfg.data.corpora)
     unknown = sorted(set(t.rows_per_source) - set(corpora))
-    if unknown:  # a typo would otherwise train on every row of the source meant
-        raise ConfigError(f"train.rows_per_source: no enabled corpus {', '.join(unknown)} in data.corpora "
+    if unknown:  # a typo would otherwise train on every row of the source meant (a corpus turned off: no rows, no cap)
+        raise ConfigError(f"train.rows_per_source: no corpus {', '.join(unknown)} in data.corpora "
                           f"({', '.join(corpora)})")
     from training.evaluate import check_eval_config
     from training.metrics import THRESHOLD_RULES
