@@ -13,7 +13,7 @@ from fastapi import Request
 from serving.schemas import ApiError
 
 if TYPE_CHECKING:
-    from serving.server import ServerSettings
+    from serving.settings import ServerSettings
 
 
 async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from serving.text import LANGS
 
 if TYPE_CHECKING:
-    from serving.server import ServerSettings
+    from serving.settings import ServerSettings
 
 
 class ApiError(Exception):

@@ -151,14 +151,16 @@ def test_a_text_without_units_costs_one_row():
 @pytest.fixture(scope="module")
 def served(tiny_bundle):
     """The server's real start-up path (load_model): what it serves, and that classifier called directly."""
-    from serving.server import ServerSettings, load_model
+    from serving.server import load_model
+    from serving.settings import ServerSettings
 
     classifier, info = load_model(ServerSettings(bundle=str(tiny_bundle), threads=1))
     return classifier, info
 
 
 def _app(served, **settings):
-    from serving.server import ServerSettings, create_app
+    from serving.server import create_app
+    from serving.settings import ServerSettings
 
     classifier, info = served
     return create_app(ServerSettings(**settings), classifier.classify, info)

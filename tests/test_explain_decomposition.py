@@ -87,7 +87,8 @@ def test_a_cls_model_has_no_token_scores(tiny_bundle):
 
 
 def _post(bundle, *bodies, **settings):
-    from serving.server import ServerSettings, create_app, load_model
+    from serving.server import create_app, load_model
+    from serving.settings import ServerSettings
 
     classifier, info = load_model(ServerSettings(bundle=str(bundle), threads=1))
     app = create_app(ServerSettings(**settings), classifier.classify, info)

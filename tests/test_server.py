@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.bundle import load_bundle
 from serving.client import ClientError, wait_ready
 from serving.inference import Classifier
-from serving.server import ServerSettings, create_app
+from serving.server import create_app
+from serving.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -402,7 +403,8 @@ def test_each_graph_is_served_at_its_own_thresholds(tiny_bundle, tmp_path):
     when the int8 graph is served, the bundle's own policy when fp32 is; a malformed entry stops start-up."""
     import numpy as np
 
-    from serving.server import StartupError, load_model
+    from serving.server import load_model
+    from serving.settings import StartupError
 
     d = Path(shutil.copytree(tiny_bundle, tmp_path / "own"))
     manifest = json.loads((d / "bundle.json").read_text(encoding="utf-8"))

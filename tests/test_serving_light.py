@@ -32,7 +32,8 @@ if BLOCK:
     sys.meta_path.insert(0, Blocker())
 import serving.server, serving.client, serving.inference, serving.bundle, serving.text, serving.feedback
 import httpx
-from serving.server import ServerSettings, create_app, load_model
+from serving.server import create_app, load_model
+from serving.settings import ServerSettings
 
 settings = ServerSettings(bundle=sys.argv[1], threads=1)
 clf, info = load_model(settings)
