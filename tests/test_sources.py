@@ -162,7 +162,7 @@ def test_the_written_corpora_load_through_the_default_config_with_their_cards():
     cfg = load_config("configs/default.yaml")
     cards = {p.read_text(encoding="utf-8") for p in (ROOT / "data_cards").glob("*.md")}
     written = [n for n, c in cfg.data.corpora.items() if c.format == "jsonl"]  # the shipped, written ones
-    assert len(written) == 8, written
+    assert len(written) == 9, written
     for name in written:
         cc = cfg.data.corpora[name]
         drops = DropLog()
@@ -179,6 +179,10 @@ def test_the_written_corpora_load_through_the_default_config_with_their_cards():
     assert len(scams) == 518 and sum(r["label"] for r in scams) == 259  # half spam, as its card says
     raw = [json.loads(line) for line in (ROOT / "data/raw/zh_scam_seed/zh_scam_seed.jsonl").open(encoding="utf-8")]
     assert {r["script"] for r in raw} == {"hans", "hant"} and len({r["id"] for r in raw}) == 518
+    japanese = load_corpus("ja_scam_seed", cfg.data.corpora["ja_scam_seed"], cfg.data, DropLog())
+    assert len(japanese) == 520 and sum(r["label"] for r in japanese) == 260  # off by default; half spam
+    raw = [json.loads(line) for line in (ROOT / "data/raw/ja_scam_seed/ja_scam_seed.jsonl").open(encoding="utf-8")]
+    assert {r["lang"] for r in raw} == {"ja"} and len({r["id"] for r in raw}) == 520
     # as their cards say
     for name, rows, spam in (("zh_ad_seed", 600, 360), ("zh_news_seed", 500, 0), ("zh_mail_seed", 500, 200)):
         got = load_corpus(name, cfg.data.corpora[name], cfg.data, DropLog())
