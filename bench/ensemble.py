@@ -58,7 +58,8 @@ def _sweep(cfg, val: dict, sets: dict[str, dict]) -> list[dict]:
         # the config's global rule, the languages' FPRs averaged when it says so (no unread ham: a study)
         threshold = float(threshold_policy(val["y"], combine(val["model"], val["baseline"], w), list(val["langs"]),
                                            e.threshold_rule, e.target_fpr, e.threshold_min_ham, e.threshold_min_spam,
-                                           per_language=False, language_balanced=e.language_balanced_fpr)["default"])
+                                           per_language=False, language_balanced=e.language_balanced_fpr,
+                                           max_language_fpr=e.max_language_fpr)["default"])
         entry = {"weight": w, "threshold": threshold}
         for name, d in sets.items():
             p = combine(d["model"], d["baseline"], w)

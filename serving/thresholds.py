@@ -9,6 +9,7 @@ serving, evaluation and the export's parity gates alike:
      "rule": "max_recall_at_fpr", "target_fpr": 0.01,
      "min_rows": {"ham": 100, "spam": 20, "ham_to_lower": 300},
      "language_balanced": false,      # true: `default` holds the mean of the languages' FPRs at target_fpr
+     "max_language_fpr": 0.0,         # > 0: and no language's own FPR over it (training.metrics.threshold_policy)
      "languages": {"ko": {"ham": 812, "spam": 240, "scope": "lang:ko", "threshold": 0.41, "reason": ...},
                    "ja": {"ham": 35, "spam": 4, "scope": "global", "threshold": 0.73, "reason": ...}},
      "global": {... training.metrics.threshold_choice of the whole validation split}}

@@ -171,6 +171,10 @@ def test_a_comparison_finds_the_baseline_with_the_models_threshold_rule(cfg, tmp
     assert B.load_pipeline(old.model_path.parent)[1]["thresholds"]["language_balanced"] is False
     assert B.find_runs(cfg, pooled)[0].info.run_id == old.run_id
     assert B.find_runs(cfg, meta(0.05))[0].info.run_id == at_5.run_id
+    # so is the cap on each language's FPR (eval.max_language_fpr): no baseline here was chosen under one
+    capped = {**meta(0.05), "thresholds": {"language_balanced": True, "max_language_fpr": 0.1}}
+    assert B.find_runs(cfg, capped) == (None, [])
+    assert B.same_rule_config(cfg, capped).eval.max_language_fpr == 0.1
 
     # a model at a rule no baseline has: ood trains one at that rule (the config's own is 0.05)
     before = len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("baseline-test").experiment_id]))

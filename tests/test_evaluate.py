@@ -134,6 +134,8 @@ def test_cli_data_file_logs_an_eval_run(tiny_model_dir, cfg, tmp_path, capsys):
     (["eval.threshold_min_ham=-1"], "eval.threshold_min_ham must be >= 0, got -1"),
     (["eval.threshold_min_spam=-5"], "eval.threshold_min_spam must be >= 0, got -5"),
     (["eval.threshold_spread_resamples=-1"], "eval.threshold_spread_resamples must be >= 0, got -1"),
+    (["eval.max_language_fpr=0.001"], "eval.max_language_fpr=0.001 caps each language's FPR"),  # under the target
+    (["eval.max_language_fpr=0.5", "eval.language_balanced_fpr=false"], "it needs that on"),
 ])
 def test_cli_user_mistakes_are_one_line(tiny_model_dir, cfg, tmp_path, capsys, extra, message):
     if "BAD_COLUMN" in extra:

@@ -454,6 +454,40 @@ def test_language_balanced_fpr_counts_each_language_the_same():
         M.threshold_choice(y, p, fpr_groups=["en"] * 3)
 
 
+def test_max_language_fpr_keeps_an_easy_language_from_lending_its_share_of_the_mean():
+    """The grey-mail data above: balanced at 1%, Japanese flags none of its ham, so English may flag 2% (all 20
+    grey mails). Capped at 1.5% a language, English flags at most 15 of its 1,000 ham; the mean stays under 1%."""
+    grey = np.linspace(0.90, 0.99, 20)
+    p = np.r_[grey, np.full(980, 0.05), np.full(200, 0.04), np.linspace(0.5, 0.995, 100)]
+    y = np.r_[np.zeros(1200, dtype=int), np.ones(100, dtype=int)]
+    langs = ["en"] * 1000 + ["ja"] * 200 + ["en"] * 100
+    mean_only = M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=langs)
+    capped = M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=langs, max_group_fpr=0.015)
+    assert (grey >= mean_only["threshold"]).sum() == 20 and (grey >= capped["threshold"]).sum() == 15
+    assert capped["val_fpr_group_max"] == pytest.approx(0.015) and capped["max_group_fpr"] == 0.015
+    assert capped["val_fpr_group_mean"] == pytest.approx(0.0075) and capped["met"]
+    assert mean_only["val_fpr_group_max"] == pytest.approx(0.02) and "max_group_fpr" not in mean_only
+    assert capped["val_recall"] < mean_only["val_recall"]
+    # a cap no language reaches changes nothing; a cap under the target, or without groups, is refused
+    assert M.threshold_choice(y, p, target_fpr=0.01, fpr_groups=langs, max_group_fpr=0.5)["threshold"] \
+        == mean_only["threshold"]
+    for bad in ({"max_group_fpr": 0.005, "fpr_groups": langs}, {"max_group_fpr": 0.02}):
+        with pytest.raises(ValueError, match="max_group_fpr needs fpr_groups"):
+            M.threshold_choice(y, p, target_fpr=0.01, **bad)
+    # the policy carries the cap into the spread's resamples, the record and the summary, and export applies it again
+    pol = M.threshold_policy(y, p, langs, target_fpr=0.01, per_language=False, spread_resamples=30,
+                             language_balanced=True, max_language_fpr=0.015)
+    assert pol["default"] == capped["threshold"] and pol["max_language_fpr"] == 0.015
+    assert pol["global"]["spread"]["high"] >= pol["global"]["spread"]["low"]
+    assert M.balance_text(pol["global"]).endswith("none of them over 0.015 (the highest: 0.0150)")
+    from training.export import ParityData, variant_policy
+
+    data = ParityData([""] * y.size, list(y), "validation", whole_validation=True)
+    assert variant_policy(pol, data, p, langs)[0]["default"] == pol["default"]
+    with pytest.raises(ValueError, match="needs language_balanced"):
+        M.threshold_policy(y, p, langs, target_fpr=0.01, max_language_fpr=0.015)
+
+
 def test_threshold_policy_language_balanced_averages_the_languages_with_enough_ham():
     rng = np.random.default_rng(3)
     p = np.r_[rng.beta(2, 6, 900), rng.beta(1, 12, 150), rng.beta(1, 12, 40), rng.beta(7, 2, 200)]

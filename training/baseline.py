@@ -209,27 +209,32 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     return BaselineResult(run.info.run_id, threshold, choice, val_grouped, test_grouped, model_path, fit_seconds)
 
 
-def _model_rule(cfg: Config, meta: dict) -> tuple[str, float, bool]:
-    """(threshold rule, target FPR, whether the languages' FPRs were averaged) of a model (its spamlingo.json
-    `meta`); the config's for a model whose threshold was set by hand (no rule to match)."""
+def _model_rule(cfg: Config, meta: dict) -> tuple[str, float, bool, float]:
+    """(threshold rule, target FPR, whether the languages' FPRs were averaged, the cap on each language's FPR) of a
+    model (its spamlingo.json `meta`); the config's for a model whose threshold was set by hand (no rule to match)."""
     from training import metrics as M
 
     rule, fpr = meta.get("threshold_rule"), meta.get("target_fpr")
+    e = cfg.eval
     if rule not in M.THRESHOLD_RULES or fpr is None:
-        return cfg.eval.threshold_rule, cfg.eval.target_fpr, cfg.eval.language_balanced_fpr
-    # models from before eval.language_balanced_fpr held the FPR of all ham together
-    return rule, float(fpr), bool((meta.get("thresholds") or {}).get("language_balanced", False))
+        return e.threshold_rule, e.target_fpr, e.language_balanced_fpr, e.max_language_fpr
+    # models from before eval.language_balanced_fpr held the FPR of all ham together (and before
+    # eval.max_language_fpr capped no language)
+    policy = meta.get("thresholds") or {}
+    return (rule, float(fpr), bool(policy.get("language_balanced", False)),
+            float(policy.get("max_language_fpr") or 0.0))
 
 
 def same_rule_config(cfg: Config, meta: dict) -> Config:
     """`cfg` with the threshold rule of a model (`_model_rule`), for a baseline to compare with it."""
     from training.config import with_overrides
 
-    rule, fpr, balanced = _model_rule(cfg, meta)
-    if (rule, fpr, balanced) == (cfg.eval.threshold_rule, cfg.eval.target_fpr, cfg.eval.language_balanced_fpr):
+    rule, fpr, balanced, cap = _model_rule(cfg, meta)
+    e = cfg.eval
+    if (rule, fpr, balanced, cap) == (e.threshold_rule, e.target_fpr, e.language_balanced_fpr, e.max_language_fpr):
         return cfg
     return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}",
-                                f"eval.language_balanced_fpr={str(balanced).lower()}"])
+                                f"eval.language_balanced_fpr={str(balanced).lower()}", f"eval.max_language_fpr={cap}"])
 
 
 def _augment_of(params: dict) -> dict[str, float]:
@@ -240,7 +245,8 @@ def _augment_of(params: dict) -> dict[str, float]:
 def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     """(the newest finished baseline run on the data of the model described by `meta` whose threshold was chosen
     by the model's rule, every finished baseline run with that rule, newest first). The same rule (`eval.threshold_rule` at
-    `eval.target_fpr`, over all ham or as the languages' mean: `eval.language_balanced_fpr`) on both sides of a
+    `eval.target_fpr`, over all ham or as the languages' mean: `eval.language_balanced_fpr`, with the languages' cap
+    `eval.max_language_fpr`) on both sides of a
     comparison: a baseline whose threshold flags 1% of validation ham against a model's 0.5% says as much about
     the thresholds as about the models. The baseline must also have
     read the config's augmented copies (`train.augment`), so that both learnt from the same rows."""
@@ -252,13 +258,14 @@ def find_runs(cfg: Config, meta: dict) -> tuple[object | None, list]:
     runs = MlflowClient().search_runs(
         [exp_id], "tags.`spamlingo.kind` = 'baseline' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200)
-    rule, fpr, balanced = _model_rule(cfg, meta)
+    rule, fpr, balanced, cap = _model_rule(cfg, meta)
 
     def same(r) -> bool:
         p = r.data.params
         try:
             return (p.get("eval.threshold_rule") == rule and float(p.get("eval.target_fpr", "nan")) == fpr
                     and p.get("eval.language_balanced_fpr", "false").lower() == str(balanced).lower()
+                    and float(p.get("eval.max_language_fpr", "0")) == cap
                     and _augment_of(p) == cfg.train.augment)
         except ValueError:
             return False

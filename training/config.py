@@ -184,6 +184,9 @@ class EvalConfig:
     # the global rule's FPR is the mean of each language's FPR (languages with >= threshold_min_ham ham rows),
     # not the FPR of all validation ham together, where the largest language's ham sets the threshold
     language_balanced_fpr: bool = False
+    # with language_balanced_fpr: no language's own FPR over this either (0 = the mean alone), so that languages
+    # the model finds easy (near 0%) cannot lend their share of the mean to another one
+    max_language_fpr: float = 0.0
 
 
 @dataclass

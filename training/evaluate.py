@@ -229,6 +229,11 @@ def check_eval_config(cfg: Config) -> None:
     for key in ("threshold_min_ham", "threshold_min_spam", "threshold_spread_resamples"):
         if getattr(cfg.eval, key) < 0:
             raise ConfigError(f"eval.{key} must be >= 0, got {getattr(cfg.eval, key)}")
+    cap = cfg.eval.max_language_fpr
+    if cap and not (cfg.eval.language_balanced_fpr and cfg.eval.target_fpr <= cap < 1):
+        raise ConfigError(f"eval.max_language_fpr={cap:g} caps each language's FPR under the mean of "
+                          "eval.language_balanced_fpr: it needs that on and a value from eval.target_fpr "
+                          f"({cfg.eval.target_fpr:g}) up to 1 (0 = no cap)")
 
 
 def evaluate_model_dir(model_dir: str | Path, cfg: Config, split: str = "test", *, log: bool = True,

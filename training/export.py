@@ -584,7 +584,8 @@ def variant_policy(policy: dict, data: ParityData, p_spam, langs: list[str], poo
                             per_language=bool(policy.get("per_language", bool(policy.get("by_lang")))),
                             raise_only=bool(policy.get("raise_only", False)),
                             spread_resamples=int(spread.get("resamples", 0)), pool=pool,
-                            language_balanced=bool(policy.get("language_balanced", False))), ""
+                            language_balanced=bool(policy.get("language_balanced", False)),
+                            max_language_fpr=float(policy.get("max_language_fpr") or 0.0)), ""
 
 
 # ------------------------------------------------------------------------------------------ MLflow

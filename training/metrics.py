@@ -86,10 +86,10 @@ def _lower_midpoint(scores_desc: np.ndarray, t: float) -> float:
     return float((t + lower[0]) / 2.0) if lower.size else float(t)
 
 
-def _group_fpr_mean(y: np.ndarray, p: np.ndarray, w: np.ndarray, groups: np.ndarray,
-                    thr: np.ndarray) -> np.ndarray:
-    """At each threshold of `thr`, the mean over the groups of each group's (weighted) ham FPR. Rows whose
-    group is None count in no group."""
+def _group_fprs(y: np.ndarray, p: np.ndarray, w: np.ndarray, groups: np.ndarray,
+                thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At each threshold of `thr`, the mean and the highest over the groups of each group's (weighted) ham FPR.
+    Rows whose group is None count in no group."""
     rates = []
     for g in sorted({x for x in groups[y == 0].tolist() if x is not None}):
         ham = (y == 0) & (groups == g)
@@ -97,11 +97,13 @@ def _group_fpr_mean(y: np.ndarray, p: np.ndarray, w: np.ndarray, groups: np.ndar
         ps, ws = p[ham][order], w[ham][order]
         above = np.r_[np.cumsum(ws[::-1])[::-1], 0.0]  # weight of the ham at index >= i
         rates.append(above[np.searchsorted(ps, thr, side="left")] / ws.sum())
-    return np.mean(rates, axis=0) if rates else np.zeros(thr.size)
+    if not rates:
+        return np.zeros(thr.size), np.zeros(thr.size)
+    return np.mean(rates, axis=0), np.max(rates, axis=0)
 
 
 def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
-                     sample_weight=None, fpr_groups=None) -> dict:
+                     sample_weight=None, fpr_groups=None, max_group_fpr: float = 0.0) -> dict:
     """Choose the decision threshold on validation scores and say how.
 
     Rules
@@ -121,11 +123,15 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     `fpr_groups` (one label per row, None for a row of no group): the FPR that "max_recall_at_fpr" holds under
     `target_fpr` is the mean of each group's own FPR, so that each group (a language) counts the same however
     many ham rows it has (`eval.language_balanced_fpr`); `val_fpr_group_mean` is that mean at the threshold.
+    `max_group_fpr` (> 0, with `fpr_groups`): no group's own FPR may exceed it either (`eval.max_language_fpr`);
+    `val_fpr_group_max` is the highest group FPR at the threshold.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
     if not 0.0 <= target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    if max_group_fpr and (fpr_groups is None or not target_fpr <= max_group_fpr < 1.0):
+        raise ValueError(f"max_group_fpr needs fpr_groups and a value in [target_fpr, 1), got {max_group_fpr}")
     y, p = _arrays(y_true, p_spam)
     w = None if sample_weight is None else _weights(sample_weight, y.size)
     out = {"rule": rule, "target_fpr": float(target_fpr), "met": True, "note": ""}
@@ -149,26 +155,33 @@ def threshold_choice(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
             groups = np.asarray(fpr_groups, dtype=object)
             if groups.size != y.size:
                 raise ValueError(f"fpr_groups has {groups.size} values for {y.size} rows")
-            fpr = _group_fpr_mean(y, p, np.ones(y.size) if w is None else w, groups, thr)
+            fpr, gmax = _group_fprs(y, p, np.ones(y.size) if w is None else w, groups, thr)
         if rule == "best_f1":
             f1 = 2 * tp / (2 * tp + fp + (wpos - tp))
             best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
             i = int(best[0])  # thresholds are descending: the first tie is the highest threshold
         else:
-            feasible = np.flatnonzero((fpr <= target_fpr + 1e-12) & (tpr > 0))
+            ok = fpr <= target_fpr + 1e-12
+            if max_group_fpr:
+                ok &= gmax <= max_group_fpr + 1e-12
+            feasible = np.flatnonzero(ok & (tpr > 0))
             if feasible.size:
                 best_tpr = tpr[feasible].max()
                 i = int(feasible[np.isclose(tpr[feasible], best_tpr, rtol=0, atol=1e-12)][0])
             else:
                 lowest = np.isclose(fpr, fpr.min(), rtol=0, atol=1e-12)
                 i = int(np.flatnonzero(lowest & (tpr == tpr[lowest].max()))[0])
+                cap = f" with no group over {max_group_fpr:g}" if max_group_fpr else ""
                 out.update(met=False, note=(
-                    f"no threshold reaches FPR <= {target_fpr:g} on validation ({neg} ham rows); using the "
+                    f"no threshold reaches FPR <= {target_fpr:g}{cap} on validation ({neg} ham rows); using the "
                     f"lowest-FPR threshold instead (FPR {fpr[i]:.4f}, recall {tpr[i]:.4f})"))
         scores_desc = np.unique(p)[::-1]
         threshold = _lower_midpoint(scores_desc, float(thr[i]))  # flags the rows thr[i] flags
         if fpr_groups is not None:
             out["val_fpr_group_mean"] = float(fpr[i])
+            out["val_fpr_group_max"] = float(gmax[i])
+            if max_group_fpr:
+                out["max_group_fpr"] = float(max_group_fpr)
     if out["note"]:
         warnings.warn(out["note"], ThresholdWarning, stacklevel=3)
     m = binary_metrics(y, p, threshold) if w is None else weighted_rates(y, p, w, threshold)
@@ -184,7 +197,7 @@ def choose_threshold(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
 
 def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr: float = 0.01,
                      resamples: int = 200, level: float = 0.9, seed: int = 0, sample_weight=None,
-                     groups=None, fpr_groups=None) -> dict | None:
+                     groups=None, fpr_groups=None, max_group_fpr: float = 0.0) -> dict | None:
     """How far `threshold_choice` moves when validation is drawn again: the rule applied to `resamples`
     bootstrap resamples (ham and spam resampled apart, so each keeps its count), summarised as the
     central `level` interval and the median. At a strict FPR target the threshold is one of the few
@@ -192,7 +205,8 @@ def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
     validation; a wide interval says the target asks more than the validation split can pin down.
     Deterministic per `seed`. None when `resamples` is 0 or a class is missing.
     With `sample_weight`, the rows keep their weights and the ham are resampled within each of their `groups`
-    (the sources of a pooled ham set), so each group keeps its count. `fpr_groups`: as in `threshold_choice`."""
+    (the sources of a pooled ham set), so each group keeps its count. `fpr_groups`, `max_group_fpr`: as in
+    `threshold_choice`."""
     if resamples < 0 or not 0.0 < level < 1.0:
         raise ValueError(f"resamples must be >= 0 and level in (0, 1), got {resamples} and {level}")
     y, p = _arrays(y_true, p_spam)
@@ -211,7 +225,7 @@ def threshold_spread(y_true, p_spam, rule: str = "max_recall_at_fpr", target_fpr
             idx = np.concatenate([rng.choice(rows, rows.size) for rows in strata])
             found[i] = threshold_choice(y[idx], p[idx], rule, target_fpr,
                                         None if sample_weight is None else w[idx],
-                                        None if fpr_groups is None else fg[idx])["threshold"]
+                                        None if fpr_groups is None else fg[idx], max_group_fpr)["threshold"]
     tail = (1.0 - level) / 2.0
     low, median, high = np.quantile(found, [tail, 0.5, 1.0 - tail])
     return {"low": float(low), "median": float(median), "high": float(high), "level": float(level),
@@ -231,7 +245,8 @@ def _clean(x):
 def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall_at_fpr",
                      target_fpr: float = 0.01, min_ham: int = 100, min_spam: int = 20, *,
                      per_language: bool = True, raise_only: bool = False, spread_resamples: int = 0,
-                     pool: "HamPool | None" = None, language_balanced: bool = False) -> dict:
+                     pool: "HamPool | None" = None, language_balanced: bool = False,
+                     max_language_fpr: float = 0.0) -> dict:
     """The threshold policy (serving/thresholds.py) chosen on validation scores.
 
     - `default`: `threshold_choice` on every validation row (the global threshold, as without languages).
@@ -262,9 +277,13 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
     counting the same; the ham of smaller languages counts in no mean. `global["fpr_languages"]` lists the
     languages averaged; with fewer than two such languages it is empty and all ham counts together, as
     without the option, under which the largest language's ham (English e-mail) sets the one threshold.
+    `max_language_fpr` (> 0, with `language_balanced`): no averaged language's own FPR may exceed it either, so
+    that languages the model finds easy cannot lend their share of the mean to another one.
     """
     from serving.thresholds import GLOBAL, lang_scope
 
+    if max_language_fpr and not language_balanced:
+        raise ValueError("max_language_fpr caps the languages' own FPRs: it needs language_balanced")
     if min_ham < 0 or min_spam < 0:
         raise ValueError(f"min_ham and min_spam must be >= 0, got {min_ham} and {min_spam}")
     y, p = _arrays(y_val, p_val)
@@ -281,9 +300,10 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
             big = set()
         else:
             fpr_groups = np.asarray([g if g in big else None for g in lang_arr.tolist()], dtype=object)
-    choice = threshold_choice(y, p, rule, target_fpr, w, fpr_groups)
+    cap = max_language_fpr if fpr_groups is not None else 0.0
+    choice = threshold_choice(y, p, rule, target_fpr, w, fpr_groups, cap)
     choice["spread"] = threshold_spread(y, p, rule, target_fpr, spread_resamples, sample_weight=w, groups=groups,
-                                        fpr_groups=fpr_groups)
+                                        fpr_groups=fpr_groups, max_group_fpr=cap)
     if language_balanced:
         choice["fpr_languages"] = sorted(big)
     if pool is not None:
@@ -351,6 +371,7 @@ def threshold_policy(y_val, p_val, langs: Sequence[str], rule: str = "max_recall
         "per_language": bool(per_language),
         "raise_only": bool(raise_only),
         "language_balanced": bool(language_balanced),
+        "max_language_fpr": float(max_language_fpr),
         "languages": languages,
         "global": {k: _clean(v) for k, v in choice.items()},
     }
@@ -362,7 +383,7 @@ def config_threshold_policy(ecfg, y_val, p_val, langs: Sequence[str], pool: "Ham
                             ecfg.threshold_min_spam, per_language=ecfg.per_language_thresholds,
                             raise_only=not ecfg.per_language_lower,
                             spread_resamples=ecfg.threshold_spread_resamples, pool=pool,
-                            language_balanced=ecfg.language_balanced_fpr)
+                            language_balanced=ecfg.language_balanced_fpr, max_language_fpr=ecfg.max_language_fpr)
 
 
 @dataclass
@@ -436,9 +457,10 @@ def balance_text(choice: Mapping) -> str:
     langs = choice.get("fpr_languages")
     if not langs:
         return ""
-    mean = choice.get("val_fpr_group_mean")
+    mean, cap, top = choice.get("val_fpr_group_mean"), choice.get("max_group_fpr"), choice.get("val_fpr_group_max")
     return (f"the FPR held under the target is the mean of {', '.join(langs)}'s own"
-            + (f" ({mean:.4f} at this threshold)" if mean is not None else ""))
+            + (f" ({mean:.4f} at this threshold)" if mean is not None else "")
+            + (f", none of them over {cap:g} (the highest: {top:.4f})" if cap and top is not None else ""))
 
 
 def choice_text(choice: Mapping) -> str:
