@@ -209,15 +209,20 @@ def run_baseline(cfg: Config, settings: BaselineSettings | None = None, out_dir:
     return BaselineResult(run.info.run_id, threshold, choice, val_grouped, test_grouped, model_path, fit_seconds)
 
 
+def _config_rule(cfg: Config) -> tuple[str, float, bool, float]:
+    """The config's threshold rule, in `_model_rule`'s terms."""
+    e = cfg.eval
+    return e.threshold_rule, e.target_fpr, e.language_balanced_fpr, e.max_language_fpr
+
+
 def _model_rule(cfg: Config, meta: dict) -> tuple[str, float, bool, float]:
     """(threshold rule, target FPR, whether the languages' FPRs were averaged, the cap on each language's FPR) of a
     model (its spamlingo.json `meta`); the config's for a model whose threshold was set by hand (no rule to match)."""
     from training import metrics as M
 
     rule, fpr = meta.get("threshold_rule"), meta.get("target_fpr")
-    e = cfg.eval
     if rule not in M.THRESHOLD_RULES or fpr is None:
-        return e.threshold_rule, e.target_fpr, e.language_balanced_fpr, e.max_language_fpr
+        return _config_rule(cfg)
     # models from before eval.language_balanced_fpr held the FPR of all ham together (and before
     # eval.max_language_fpr capped no language)
     policy = meta.get("thresholds") or {}
@@ -230,8 +235,7 @@ def same_rule_config(cfg: Config, meta: dict) -> Config:
     from training.config import with_overrides
 
     rule, fpr, balanced, cap = _model_rule(cfg, meta)
-    e = cfg.eval
-    if (rule, fpr, balanced, cap) == (e.threshold_rule, e.target_fpr, e.language_balanced_fpr, e.max_language_fpr):
+    if (rule, fpr, balanced, cap) == _config_rule(cfg):
         return cfg
     return with_overrides(cfg, [f"eval.threshold_rule={rule}", f"eval.target_fpr={fpr}",
                                 f"eval.language_balanced_fpr={str(balanced).lower()}", f"eval.max_language_fpr={cap}"])
