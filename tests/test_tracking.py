@@ -92,6 +92,52 @@ def test_failing_body_ends_failed_with_the_error(cfg, tmp_path):
     assert mlflow.active_run() is None
 
 
+def test_an_interrupt_waits_for_the_write_then_ends_the_run_killed(cfg):
+    import os
+    import signal
+
+    import mlflow
+
+    def like_train(signum, frame):  # training.train's SIGTERM handler
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, like_train)
+    try:
+        written = []
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            with T.start_run(cfg, "transformer") as run:
+                with T.uninterrupted():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signal.SIGINT)  # a second one, held too: one interrupt comes out
+                    mlflow.log_metric("val/pr_auc", 0.5, step=4)
+                    written.append("after the signals")
+        assert written == ["after the signals"] and signal.getsignal(signal.SIGTERM) is like_train
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    r = MlflowClient().get_run(run.info.run_id)
+    assert r.info.status == "KILLED" and r.data.metrics["val/pr_auc"] == 0.5
+    assert r.data.tags["spamlingo.error"] == "KeyboardInterrupt: signal 15"
+
+
+def test_a_store_that_cannot_end_the_run_does_not_hide_the_error(cfg, monkeypatch, capsys):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def locked(status="FINISHED"):
+        raise MlflowException("(sqlite3.OperationalError) database is locked\n(Background ...)")
+
+    with pytest.raises(KeyboardInterrupt):
+        with T.start_run(cfg, "transformer") as run:
+            monkeypatch.setattr(mlflow, "end_run", locked)
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"MLflow run {run.info.run_id} could not be marked KILLED" in err and "database is locked)" in err
+    assert MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
+    mlflow.end_run()
+
+
 def test_resume_keeps_params_and_lists_changes(cfg):
     with T.start_run(cfg, "transformer") as run:
         pass

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -183,16 +184,50 @@ def params_of(cfg: Config) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ runs
 
 
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them to the handlers they would have met.
+
+    For MLflow writes: an interrupt raised inside a SQLite transaction can leave the store's write lock with
+    a session nobody finishes, and marking the run KILLED then fails with "database is locked". Signals can
+    only be handled in the main thread; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if previous is not None:  # None: set outside Python, and could not be put back
+            before[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
+
+
 def _end_with_error(exc: BaseException) -> None:
+    """Mark the active run FAILED (KILLED on an interrupt) with the error. A store that cannot take it is
+    reported on stderr and leaves the run RUNNING: the caller's exception, not this one, ends the command."""
     import mlflow
 
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    run = mlflow.active_run()
     try:
-        mlflow.set_tag("spamlingo.error", _tag_value(f"{type(exc).__name__}: {exc}"))
-        mlflow.log_text(text, "error.txt")
-    finally:
-        mlflow.end_run(status)
+        with uninterrupted():
+            try:
+                mlflow.set_tag("spamlingo.error", _tag_value(f"{type(exc).__name__}: {exc}"))
+                mlflow.log_text(text, "error.txt")
+            finally:
+                mlflow.end_run(status)
+    except Exception as e:
+        print(f"warning: MLflow run {run.info.run_id if run else '?'} could not be marked {status} "
+              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it stays RUNNING",
+              file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -244,22 +279,26 @@ def start_run(
             params = {k: v for k, v in params.items() if k not in old.data.params}
             if changed:
                 all_tags["spamlingo.resume_changed"] = _tag_value(",".join(changed))
-    if run_id:
-        run = mlflow.start_run(run_id=run_id, tags=all_tags)
-    else:
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name or cfg.tracking.run_name or None,
-                               tags=all_tags)
+    run = None
     try:
-        if params:
-            mlflow.log_params(params)
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(save_resolved(cfg, tmp)))
+        with uninterrupted():  # an interrupt held here comes out inside this try, once the run is open
+            if run_id:
+                run = mlflow.start_run(run_id=run_id, tags=all_tags)
+            else:
+                run = mlflow.start_run(experiment_id=exp_id, run_name=run_name or cfg.tracking.run_name or None,
+                                       tags=all_tags)
+            if params:
+                mlflow.log_params(params)
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.log_artifact(str(save_resolved(cfg, tmp)))
         yield run
     except BaseException as exc:
-        _end_with_error(exc)
+        if run is not None:  # else mlflow.start_run itself failed: there is no run of ours to end
+            _end_with_error(exc)
         raise
     else:
-        mlflow.end_run("FINISHED")
+        with uninterrupted():
+            mlflow.end_run("FINISHED")
 
 
 @contextlib.contextmanager

@@ -272,8 +272,11 @@ def mlflow_callback():
     import mlflow
     from transformers import TrainerCallback
 
+    from training.tracking import uninterrupted
+
     class Curves(TrainerCallback):
-        """Training curves into the active MLflow run: train/loss, train/learning_rate, val/pr_auc, ..."""
+        """Training curves into the active MLflow run: train/loss, train/learning_rate, val/pr_auc, ...
+        Each write finishes before a Ctrl-C or SIGTERM is raised (tracking.uninterrupted)."""
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -281,14 +284,16 @@ def mlflow_callback():
             out = {f"train/{k}": float(v) for k, v in logs.items()
                    if k in ("loss", "learning_rate", "grad_norm") and v is not None}
             if out:
-                mlflow.log_metrics(out, step=state.global_step)
+                with uninterrupted():
+                    mlflow.log_metrics(out, step=state.global_step)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             if not state.is_world_process_zero or not metrics:
                 return
             out = {f"val/{k[5:]}": float(v) for k, v in metrics.items()
                    if k.startswith("eval_") and k[5:] in ("pr_auc", "roc_auc", "loss")}
-            mlflow.log_metrics(out, step=state.global_step)
+            with uninterrupted():
+                mlflow.log_metrics(out, step=state.global_step)
 
     return Curves()
 
