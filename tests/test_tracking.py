@@ -102,6 +102,7 @@ def test_an_interrupt_waits_for_the_write_then_ends_the_run_killed(cfg):
         raise KeyboardInterrupt(f"signal {signum}")
 
     before = signal.signal(signal.SIGTERM, like_train)
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored under nohup and some CI runners
     try:
         written = []
         with pytest.raises(KeyboardInterrupt, match="signal 15"):
@@ -113,8 +114,13 @@ def test_an_interrupt_waits_for_the_write_then_ends_the_run_killed(cfg):
                     written.append("after the signals")
         assert written == ["after the signals"] and signal.getsignal(signal.SIGTERM) is like_train
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored signal is left ignored (nohup)
+        with T.uninterrupted():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not like_train  # held
     finally:
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, before_int)
     r = MlflowClient().get_run(run.info.run_id)
     assert r.info.status == "KILLED" and r.data.metrics["val/pr_auc"] == 0.5
     assert r.data.tags["spamlingo.error"] == "KeyboardInterrupt: signal 15"

@@ -198,7 +198,7 @@ def uninterrupted() -> Iterator[None]:
     before = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous = signal.getsignal(sig)
-        if previous is not None:  # None: set outside Python, and could not be put back
+        if previous not in (None, signal.SIG_IGN):  # None: set outside Python (cannot be put back); ignored stays so
             before[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
         yield
