@@ -292,13 +292,19 @@ def test_ensemble_threshold_follows_the_configs_language_balance():
     val = {"y": np.r_[np.zeros(1050, dtype=int), np.ones(200, dtype=int)], "model": p,
            "baseline": np.clip(p + rng.normal(0, 0.05, p.size), 1e-6, 1 - 1e-6),
            "langs": np.array(["en"] * 900 + ["ko"] * 150 + ["en"] * 200)}
-    on = with_overrides(load_config("configs/default.yaml"), ["eval.target_fpr=0.01"])
-    off = with_overrides(on, ["eval.language_balanced_fpr=false"])
+    # the default's rule (the languages' mean at 0.5%), its cap on each language tightened to one that binds here
+    on = with_overrides(load_config("configs/default.yaml"), ["eval.max_language_fpr=0.007"])
+    off = with_overrides(on, ["eval.language_balanced_fpr=false", "eval.max_language_fpr=0"])
     got_on, got_off = (_sweep(c, val, {})[2]["threshold"] for c in (on, off))  # w = 0.5
     mixed = combine(val["model"], val["baseline"], 0.5)
-    want = {b: M.threshold_policy(val["y"], mixed, list(val["langs"]), target_fpr=0.01, per_language=False,
-                                  language_balanced=b)["default"] for b in (True, False)}
+    want = {b: M.threshold_policy(val["y"], mixed, list(val["langs"]), target_fpr=on.eval.target_fpr,
+                                  per_language=False, language_balanced=b,
+                                  max_language_fpr=on.eval.max_language_fpr if b else 0.0)["default"]
+            for b in (True, False)}
     assert got_on == want[True] and got_off == want[False] and got_on != got_off
+    uncapped = M.threshold_policy(val["y"], mixed, list(val["langs"]), target_fpr=on.eval.target_fpr,
+                                  per_language=False, language_balanced=True)["default"]
+    assert got_on > uncapped  # the cap is applied, not only the mean
 
 
 def _fold_on_disk(fold: Path, model_dir: Path, data_dir: Path):

@@ -343,7 +343,8 @@ def test_cli_user_mistake_is_one_line_and_nonzero(tmp_path, capsys):
 def test_real_default_config_shrunk(tmp_path, capsys):
     """The real corpora through the real default config, capped small, output in tmp_path."""
     caps = {"uci_sms": 150, "zh_sms": 150, "spamassassin": 120, "enron": 120, "cjk_seed": 200, "licensed_ham": 80,
-            "notice_seed": 60, "zh_scam_seed": 40, "zh_ad_seed": 40, "zh_mail_seed": 40, "zh_news_seed": 40}
+            "notice_seed": 60, "zh_scam_seed": 40, "zh_ad_seed": 40, "zh_mail_seed": 40, "zh_news_seed": 40,
+            "ja_scam_seed": 40}
     overrides = [f"data.corpora.{k}.cap={v}" for k, v in caps.items()]
     overrides += [f"data.output_dir={tmp_path / 'out'}", f"data.mix_card={tmp_path / 'mix.md'}"]
     main(["--config", "configs/default.yaml", *overrides])

@@ -175,7 +175,7 @@ def test_the_written_corpora_load_through_the_default_config_with_their_cards():
     raw = [json.loads(line) for line in (ROOT / "data/raw/everyday_zh/everyday_zh.jsonl").open(encoding="utf-8")]
     assert {r["script"] for r in raw} == {"simplified", "traditional"} and len({r["id"] for r in raw}) == 800
     assert not [r for r in raw if "http" in r["text"] or "www" in r["text"]]  # ham without a link, as its card says
-    # as their cards say (ja_scam_seed is off by default, and reads through its entry all the same)
+    # as their cards say
     for name, rows, spam in (("zh_scam_seed", 518, 259), ("zh_ad_seed", 600, 360), ("zh_news_seed", 500, 0),
                              ("zh_mail_seed", 500, 200), ("ja_scam_seed", 520, 260)):
         got = load_corpus(name, cfg.data.corpora[name], cfg.data, DropLog())

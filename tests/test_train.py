@@ -35,7 +35,7 @@ SHRINK = [
     "data.corpora.cjk_seed.enabled=false", "data.corpora.licensed_ham.enabled=false",
     "data.corpora.notice_seed.enabled=false", "data.corpora.zh_scam_seed.enabled=false",
     "data.corpora.zh_mail_seed.enabled=false", "data.corpora.zh_ad_seed.enabled=false",
-    "data.corpora.zh_news_seed.enabled=false",
+    "data.corpora.zh_news_seed.enabled=false", "data.corpora.ja_scam_seed.enabled=false",
     "train.rows_per_source={}",  # the row counts below: one cap for every source (default.yaml gives zh_sms its own)
 ]
 
