@@ -77,7 +77,9 @@ def logged_test_metrics(run, scopes: list[str]) -> dict:
 
 def _pytorch(inputs: Inputs, scopes: list[str], n_rows: int, threads: int) -> tuple[dict, str]:
     """The trained model's test metrics: those its training run logged (training.train scores the model
-    directory as written, on this split, at this threshold), else measured now by training.evaluate."""
+    directory as written, on this split, at this threshold), else measured now by training.evaluate. A model
+    whose threshold was chosen again since (`make threshold`: the run's threshold differs, or it says so) is
+    measured now: the run's test metrics are at the old one."""
     if inputs.run_id and inputs.meta.get("data_hash"):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -89,7 +91,11 @@ def _pytorch(inputs: Inputs, scopes: list[str], n_rows: int, threads: int) -> tu
             run = MlflowClient().get_run(inputs.run_id)
         except MlflowException:
             run = None
-        if run is not None and run.data.tags.get("data_hash") == inputs.meta["data_hash"]:
+        logged_threshold = run.data.metrics.get("threshold") if run is not None else None
+        same_threshold = (logged_threshold is not None and inputs.meta.get("threshold") is not None
+                          and abs(logged_threshold - float(inputs.meta["threshold"])) < 1e-9
+                          and "spamlingo.rethreshold" not in run.data.tags)
+        if same_threshold and run.data.tags.get("data_hash") == inputs.meta["data_hash"]:
             logged = logged_test_metrics(run, scopes)
             if (logged.get("overall") or {}).get("support") == n_rows:
                 return logged, f"logged by training run {inputs.run_id}"

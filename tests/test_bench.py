@@ -214,6 +214,16 @@ def test_quality_reads_the_training_runs_logged_metrics(tmp_path, monkeypatch, t
     # Another split size (e.g. a re-prepared dataset): the logged numbers do not apply, measure again.
     _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test) + 1, threads=1)
     assert how.startswith("measured now")
+    # A threshold chosen again since training (make threshold, with or without logging it): the logged test
+    # metrics are at the old threshold, measure again.
+    moved = {**meta, "threshold": meta["threshold"] + 0.01}
+    again, how = _pytorch(Inputs(cfg, model_dir, moved), scopes, len(test), threads=1)
+    assert how.startswith("measured now")
+    assert again["overall"]["support"] == len(test)
+    with tracking.resume_run(run.info.run_id, cfg):
+        mlflow.set_tag("spamlingo.rethreshold", "0.5 -> 0.5")
+    _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test), threads=1)
+    assert how.startswith("measured now")
 
     # speed_server puts its latency beside the run's metrics, leaving the run finished.
     from bench.server_load import log_to_run
