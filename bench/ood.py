@@ -58,6 +58,9 @@ def merge(previous: dict, record: dict) -> dict:
     if kept:  # measured in parts: the command that measures them all at once reproduces the file
         import re
 
+        # a rerun of the folds alone scores no shipped model: the kept protocols' model and baseline stay named
+        record["result"] = {**(previous.get("result") or {}), **(record.get("result") or {})}
+
         record["command"] = re.sub(r" --protocols \S+", "", record["command"])
         record["measured_in_parts"] = {p["name"]: p.get("measured") for p in record["protocols"]}
     return record

@@ -266,10 +266,12 @@ def test_a_partial_ood_rerun_keeps_the_other_protocols_of_the_same_run():
     from bench.ood import merge
 
     old = {"date": "then", "inputs": {"run_id": "r1"}, "protocols": [{"name": "loco", "scopes": []},
-                                                                      {"name": "evasion", "scopes": ["old"]}]}
+                                                                      {"name": "evasion", "scopes": ["old"]}],
+           "result": {"model": "bundle b (int8)", "baseline": "TF-IDF baseline x"}}
     new = {"inputs": {"run_id": "r1"}, "command": "python -m bench.run --only ood --protocols evasion --threads 2",
-           "protocols": [{"name": "evasion", "scopes": ["new"]}]}
+           "protocols": [{"name": "evasion", "scopes": ["new"]}], "result": {}}
     merged = merge(old, new)
+    assert merged["result"] == old["result"]  # the kept protocols' model and baseline stay named
     assert [p["name"] for p in merged["protocols"]] == ["evasion", "loco"]
     assert merged["protocols"][0]["scopes"] == ["new"] and merged["protocols"][1]["measured"] == "then"
     assert merged["command"] == "python -m bench.run --only ood --threads 2"
