@@ -142,6 +142,17 @@ def test_a_store_that_cannot_end_the_run_does_not_hide_the_error(cfg, monkeypatc
     assert f"MLflow run {run.info.run_id} could not be marked KILLED" in err and "database is locked)" in err
     assert MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
     mlflow.end_run()
+    # the same when an evaluation reopens a finished run (tracking.resume_run)
+    with T.start_run(cfg, "transformer") as done:
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        with T.resume_run(done.info.run_id, cfg):
+            monkeypatch.setattr(mlflow, "end_run", locked)
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert f"MLflow run {done.info.run_id} could not be marked FINISHED" in capsys.readouterr().err
+    assert MlflowClient().get_run(done.info.run_id).data.tags["spamlingo.eval_error"] == "KeyboardInterrupt: "
+    mlflow.end_run()
 
 
 def test_resume_keeps_params_and_lists_changes(cfg):

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from training.config import ROOT, ConfigError, Config, TrackingConfig, fail, flatten, load_config, resolve_path, save_resolved
 
@@ -209,25 +209,40 @@ def uninterrupted() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def _end_with_error(exc: BaseException) -> None:
-    """Mark the active run FAILED (KILLED on an interrupt) with the error. A store that cannot take it is
-    reported on stderr and leaves the run RUNNING: the caller's exception, not this one, ends the command."""
+def _close_on_error(status: str, record: Callable[[], None]) -> None:
+    """`record` the error in the active run, then end it with `status`, both uninterrupted. A store that cannot
+    take either is reported on stderr (the run then stays RUNNING): the caller's exception, not this one, ends
+    the command."""
     import mlflow
 
-    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     run = mlflow.active_run()
-    try:
-        with uninterrupted():
-            try:
-                mlflow.set_tag("spamlingo.error", _tag_value(f"{type(exc).__name__}: {exc}"))
-                mlflow.log_text(text, "error.txt")
-            finally:
-                mlflow.end_run(status)
-    except Exception as e:
-        print(f"warning: MLflow run {run.info.run_id if run else '?'} could not be marked {status} "
-              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it stays RUNNING",
+
+    def warn(what: str, e: Exception) -> None:
+        first = (str(e).splitlines() or [""])[0]
+        print(f"warning: MLflow run {run.info.run_id if run else '?'} {what} ({type(e).__name__}: {first})",
               file=sys.stderr)
+
+    with uninterrupted():
+        try:
+            record()
+        except Exception as e:
+            warn("did not record the error", e)
+        try:
+            mlflow.end_run(status)
+        except Exception as e:
+            warn(f"could not be marked {status}; it stays RUNNING", e)
+
+
+def _end_with_error(exc: BaseException) -> None:
+    """Mark the active run FAILED (KILLED on an interrupt) with the error: tag `spamlingo.error`, artifact
+    `error.txt` (the traceback)."""
+    import mlflow
+
+    def record() -> None:
+        mlflow.set_tag("spamlingo.error", _tag_value(f"{type(exc).__name__}: {exc}"))
+        mlflow.log_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), "error.txt")
+
+    _close_on_error("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", record)
 
 
 @contextlib.contextmanager
@@ -314,12 +329,13 @@ def resume_run(run_id: str, tracking_cfg: Config | TrackingConfig | None = None)
     try:
         yield run
     except BaseException as exc:
-        with contextlib.suppress(Exception):
-            mlflow.set_tag("spamlingo.eval_error", _tag_value(f"{type(exc).__name__}: {exc}"))
-        mlflow.end_run(status if status != "RUNNING" else "FAILED")
+        error = _tag_value(f"{type(exc).__name__}: {exc}")
+        _close_on_error(status if status != "RUNNING" else "FAILED",
+                        lambda: mlflow.set_tag("spamlingo.eval_error", error))
         raise
     else:
-        mlflow.end_run(status if status != "RUNNING" else "FINISHED")
+        with uninterrupted():
+            mlflow.end_run(status if status != "RUNNING" else "FINISHED")
 
 
 def tag_data(data_dir: str | Path) -> str | None:
