@@ -78,13 +78,15 @@ def logged_test_metrics(run, scopes: list[str]) -> dict:
 def _pytorch(inputs: Inputs, scopes: list[str], n_rows: int, threads: int) -> tuple[dict, str]:
     """The trained model's test metrics: those its training run logged (training.train scores the model
     directory as written, on this split, at this threshold), else measured now by training.evaluate. A model
-    whose threshold was chosen again since (`make threshold`: the run's threshold differs, or it says so) is
-    measured now: the run's test metrics are at the old one."""
+    whose thresholds were chosen again since (`make threshold`: they differ from those the run's test metrics were
+    scored at, tracking.SCORED_AT_TAG, a per-language one included) is measured now."""
     if inputs.run_id and inputs.meta.get("data_hash"):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        from serving.thresholds import describe
         from training import tracking
+        from training.evaluate import model_policy
 
         try:
             tracking.setup(inputs.cfg)
@@ -92,9 +94,13 @@ def _pytorch(inputs: Inputs, scopes: list[str], n_rows: int, threads: int) -> tu
         except MlflowException:
             run = None
         logged_threshold = run.data.metrics.get("threshold") if run is not None else None
-        same_threshold = (logged_threshold is not None and inputs.meta.get("threshold") is not None
-                          and abs(logged_threshold - float(inputs.meta["threshold"])) < 1e-9
-                          and "spamlingo.rethreshold" not in run.data.tags)
+        scored_at = run.data.tags.get(tracking.SCORED_AT_TAG + "test") if run is not None else None
+        if scored_at is not None:
+            same_threshold = scored_at == describe(model_policy(inputs.meta))
+        else:  # a run logged before the tag: its last global threshold, and whether make threshold ran
+            same_threshold = (logged_threshold is not None and inputs.meta.get("threshold") is not None
+                              and abs(logged_threshold - float(inputs.meta["threshold"])) < 1e-9
+                              and "spamlingo.rethreshold" not in run.data.tags)
         if same_threshold and run.data.tags.get("data_hash") == inputs.meta["data_hash"]:
             logged = logged_test_metrics(run, scopes)
             if (logged.get("overall") or {}).get("support") == n_rows:

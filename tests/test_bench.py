@@ -197,8 +197,9 @@ def test_quality_reads_the_training_runs_logged_metrics(tmp_path, monkeypatch, t
 
     test = load_from_disk(str(Path(meta["data_dir"]) / "dataset"))["test"]
     with tracking.start_run(cfg, "transformer", run_name="tiny", data_hash=meta["data_hash"]) as run:
-        tracking.log_evaluation(fresh.labels, fresh.p_spam, fresh.threshold,
-                                {"source": list(test["source"]), "lang": list(test["lang"])}, "test", plots=False)
+        tracking.log_evaluation(fresh.labels, fresh.p_spam, fresh.thresholds,
+                                {"source": list(test["source"]), "lang": list(test["lang"])}, "test", plots=False,
+                                policy=fresh.policy)
     meta["mlflow_run_id"] = run.info.run_id
     (model_dir / "spamlingo.json").write_text(json.dumps(meta), encoding="utf-8")
     scopes = list(fresh.grouped)
@@ -214,14 +215,24 @@ def test_quality_reads_the_training_runs_logged_metrics(tmp_path, monkeypatch, t
     # Another split size (e.g. a re-prepared dataset): the logged numbers do not apply, measure again.
     _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test) + 1, threads=1)
     assert how.startswith("measured now")
-    # A threshold chosen again since training (make threshold, with or without logging it): the logged test
-    # metrics are at the old threshold, measure again.
-    moved = {**meta, "threshold": meta["threshold"] + 0.01}
+    # Thresholds chosen again since training (make threshold, with or without logging it): the logged test
+    # metrics are at the old ones, measure again; a per-language threshold alone counts too.
+    policy = json.loads(json.dumps(fresh.policy))
+    moved = {**meta, "threshold": policy["default"] + 0.01, "thresholds": {**policy, "default": policy["default"] + 0.01}}
     again, how = _pytorch(Inputs(cfg, model_dir, moved), scopes, len(test), threads=1)
     assert how.startswith("measured now")
     assert again["overall"]["support"] == len(test)
+    korean = {**meta, "thresholds": {**policy, "by_lang": {**policy["by_lang"], "ko": 0.25}}}
+    _, how = _pytorch(Inputs(cfg, model_dir, korean), scopes, len(test), threads=1)
+    assert how.startswith("measured now")
+    # make threshold logged (threshold metric and its tag) but the test metrics were logged again at the new
+    # thresholds (make eval): they apply.
     with tracking.resume_run(run.info.run_id, cfg):
         mlflow.set_tag("spamlingo.rethreshold", "0.5 -> 0.5")
+    _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test), threads=1)
+    assert how == f"logged by training run {run.info.run_id}"
+    # A run logged before the scored-at tag: the make threshold tag alone says the metrics are stale.
+    mlflow.MlflowClient().delete_tag(run.info.run_id, tracking.SCORED_AT_TAG + "test")
     _, how = _pytorch(Inputs(cfg, model_dir, meta), scopes, len(test), threads=1)
     assert how.startswith("measured now")
 

@@ -232,6 +232,11 @@ def test_train_end_to_end_logs_a_finished_run_with_a_loadable_model(prepared, tm
     assert m["threshold/spread_low"] == pytest.approx(spread["low"]) and "validation resamples choose" in out
     assert meta["data_dir"] == str(prepared) and meta["data_hash"] == run.data.tags["data_hash"]
     assert meta["metrics"]["test"]["pr_auc"] == pytest.approx(m["test/overall/pr_auc"])
+    from serving.thresholds import describe, from_manifest
+    from training.tracking import SCORED_AT_TAG
+
+    # the thresholds its test metrics were scored at (bench quality reads the metrics while they still apply)
+    assert run.data.tags[SCORED_AT_TAG + "test"] == describe(from_manifest(meta))
     assert meta["backbone_info"]["vocab_trim"]
     settings = TextSettings.from_dict(meta["text"])
     assert settings.max_length == 64 and settings.truncation == "head_tail"

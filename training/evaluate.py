@@ -413,8 +413,9 @@ def rethreshold(model_dir: str | Path, cfg: Config, *, log: bool = True, progres
             with tracking.resume_run(meta["mlflow_run_id"], cfg):
                 import mlflow
 
-                mlflow.log_metric("threshold", policy["default"])
-                mlflow.set_tag("spamlingo.rethreshold", TH.describe(policy))
+                with tracking.uninterrupted():
+                    mlflow.log_metric("threshold", policy["default"])
+                    mlflow.set_tag("spamlingo.rethreshold", TH.describe(policy))
                 mlflow.log_dict(meta, "model/spamlingo.json")
         except MlflowException as ex:
             print(f"warning: not logged to MLflow run {meta['mlflow_run_id']}: {ex}", file=sys.stderr)

@@ -31,6 +31,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from training.config import ROOT, ConfigError, Config, TrackingConfig, fail, flatten, load_config, resolve_path, save_resolved
 
 MODEL_META = "spamlingo.json"  # marks a trained model directory (DESIGN §3)
+# + split ("test", "val", ...): the thresholds a run's logged metrics of that split were scored at
+# (serving.thresholds.describe); a model whose thresholds were chosen again since no longer matches (bench/quality.py).
+SCORED_AT_TAG = "spamlingo.scored_at."
 KINDS = ("transformer", "baseline", "eval")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 RUN_PREFIX = re.compile(r"^[0-9a-f]{4,31}$")
@@ -344,7 +347,8 @@ def tag_data(data_dir: str | Path) -> str | None:
 
     h = data_hash_of(data_dir)
     if h:
-        mlflow.set_tag("data_hash", h)
+        with uninterrupted():
+            mlflow.set_tag("data_hash", h)
     return h
 
 
@@ -369,7 +373,7 @@ def log_evaluation(
     Logs metrics `<split>/<scope>/<metric>` (metrics.to_mlflow_metrics) and `threshold` (the global
     one: `policy["default"]`, else the single threshold), with a policy also `threshold/lang.<tag>` for
     each language with a threshold of its own and `threshold/spread_low|high` (its resampling interval,
-    metrics.threshold_spread) where measured; the markdown
+    metrics.threshold_spread) where measured, and the tag SCORED_AT_TAG + split (those thresholds); the markdown
     table as `table_file` (default `metrics.md` for split "test", else `metrics_<split>.md`), and with `plots` the PNGs of
     plots.evaluation_plots under `plots/`. Files are also kept in `out_dir` when given.
     Returns the grouped metrics (metrics.grouped_metrics).
@@ -378,20 +382,26 @@ def log_evaluation(
 
     from training import metrics as M
 
+    from serving.thresholds import describe, from_threshold
+
     split = "val" if split == "validation" else split
     grouped = M.grouped_metrics(y_true, p_spam, threshold, groups)
-    mlflow.log_metrics(M.to_mlflow_metrics(grouped, split))
     single = float(policy["default"]) if policy is not None else M.threshold_value(threshold)
-    if not math.isnan(single):
-        mlflow.log_metric("threshold", single)
+    scored_at = describe(policy) if policy is not None else (
+        None if math.isnan(single) else describe(from_threshold(single)))
     spread = (policy or {}).get("global", {}).get("spread")
-    if spread:
-        mlflow.log_metrics({"threshold/spread_low": spread["low"], "threshold/spread_high": spread["high"]})
+    with uninterrupted():
+        mlflow.log_metrics(M.to_mlflow_metrics(grouped, split))
+        if not math.isnan(single):
+            mlflow.log_metric("threshold", single)
+        if spread:
+            mlflow.log_metrics({"threshold/spread_low": spread["low"], "threshold/spread_high": spread["high"]})
+        if policy is not None and policy.get("by_lang"):
+            mlflow.log_metrics({f"threshold/{M.mlflow_scope('lang=' + k)}": float(v)
+                                for k, v in policy["by_lang"].items()})
+        if scored_at:
+            mlflow.set_tag(SCORED_AT_TAG + split, scored_at)
     if policy is not None and policy.get("by_lang"):
-        from serving.thresholds import describe
-
-        mlflow.log_metrics({f"threshold/{M.mlflow_scope('lang=' + k)}": float(v)
-                            for k, v in policy["by_lang"].items()})
         shown = f"thresholds {describe(policy)} (spam iff p_spam >= the threshold of the text's language)"
     elif math.isnan(M.threshold_value(threshold)):
         shown = "per-row thresholds (spam iff p_spam >= the row's threshold)"

@@ -366,16 +366,17 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
 
         from training import tracking
 
-        if probe:
-            mlflow.log_metrics({"lp/train_accuracy": probe["train_accuracy"], "lp/seconds": probe["seconds"]})
-        tracking.tag_data(data_dir)
-        mlflow.set_tags({"device": device, "precision": precision, "world_size": str(world),
-                         "backbone": cfg.model.backbone})
         per_epoch_rows = len(epoch_subsets[0]) if epoch_subsets else len(train_set)
-        mlflow.log_metrics({"data/train_rows": per_epoch_rows, "data/train_rows_distinct": len(train_set),
-                            "data/val_rows_during_training": len(val_set),
-                            "data/val_rows": len(val_rows), "model/parameters": info["parameters"],
-                            "model/trainable_parameters": info["trainable_parameters"]})
+        with tracking.uninterrupted():
+            if probe:
+                mlflow.log_metrics({"lp/train_accuracy": probe["train_accuracy"], "lp/seconds": probe["seconds"]})
+            tracking.tag_data(data_dir)
+            mlflow.set_tags({"device": device, "precision": precision, "world_size": str(world),
+                             "backbone": cfg.model.backbone})
+            mlflow.log_metrics({"data/train_rows": per_epoch_rows, "data/train_rows_distinct": len(train_set),
+                                "data/val_rows_during_training": len(val_set),
+                                "data/val_rows": len(val_rows), "model/parameters": info["parameters"],
+                                "model/trainable_parameters": info["trainable_parameters"]})
         mlflow.log_dict(info, "backbone.json")
         spam = sum(train_set.labels)
         fresh = (f" per epoch, {len(train_set)} distinct over {len(epoch_subsets)} epochs (fresh_rows_per_epoch)"
@@ -399,9 +400,12 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
         return result
     import mlflow
 
-    mlflow.log_metrics({"train/samples_per_second": sps, "train/runtime_s": float(out.metrics["train_runtime"]),
-                        "train/steps": trainer.state.global_step,
-                        "train/best_val_pr_auc": float(trainer.state.best_metric or float("nan"))})
+    from training.tracking import uninterrupted
+
+    with uninterrupted():
+        mlflow.log_metrics({"train/samples_per_second": sps, "train/runtime_s": float(out.metrics["train_runtime"]),
+                            "train/steps": trainer.state.global_step,
+                            "train/best_val_pr_auc": float(trainer.state.best_metric or float("nan"))})
     print(f"trained {trainer.state.global_step} steps at {sps:.1f} samples/s; best checkpoint "
           f"{trainer.state.best_model_checkpoint} (validation PR-AUC {trainer.state.best_metric})", flush=True)
     interpolation = None
@@ -410,7 +414,8 @@ def _fit(cfg: Config, state, precision: str, device: str, resume_from: Path | No
 
         report = interpolate(trainer.model, initial, t.wise_alpha)  # the best checkpoint, in place
         interpolation = record(t.wise_alpha, f"training (train.wise_alpha), {cfg.model.backbone}", report)
-        mlflow.log_metric("train/wise_interpolated_tensors", report["interpolated"])
+        with uninterrupted():
+            mlflow.log_metric("train/wise_interpolated_tensors", report["interpolated"])
         print(f"WiSE-FT: {report['interpolated']} encoder tensors interpolated with the backbone as loaded at alpha "
               f"{t.wise_alpha:g} (kept as trained: {', '.join(report['kept'])})", flush=True)
     result.model_dir, result.metrics = _finish(cfg, trainer, tokenizer, encoder, info, data_dir, splits, run_id,
@@ -505,7 +510,8 @@ def _finish(cfg: Config, trainer, tokenizer, encoder, info: dict, data_dir: Path
     (model_dir / "spamlingo.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
     size_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
-    mlflow.log_metric("model/size_mb", size_mb)
+    with tracking.uninterrupted():
+        mlflow.log_metric("model/size_mb", size_mb)
     mlflow.log_artifacts(str(model_dir), MODEL_DIR)
     if cfg.data.mix_card and resolve_path(cfg.data.mix_card).exists():
         mlflow.log_artifact(str(resolve_path(cfg.data.mix_card)))
