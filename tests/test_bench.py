@@ -290,6 +290,34 @@ def test_a_partial_ood_rerun_keeps_the_other_protocols_of_the_same_run():
     assert [p["name"] for p in merge(old, other)["protocols"]] == ["evasion"]  # another run: nothing kept
 
 
+def test_a_rerun_of_some_folds_keeps_the_other_folds_at_the_same_budget():
+    from bench.ood import merge
+
+    def loco(folds, budget, measured=None):
+        return {"name": "loco", "fold_overrides": budget, **({"measured": measured} if measured else {}),
+                "folds": [{"fold": f} for f in folds],
+                "scopes": [s for f in folds for s in ({"scope": f, "v": measured}, {"scope": f"{f}:lang:ja", "v": measured})]}
+
+    old = {"date": "d0", "inputs": {"run_id": "r1"}, "result": {"model": "m"},
+           "protocols": [{"name": "evasion", "scopes": []}, loco(["zh_sms", "email", "seeded"], ["a=1"], "d1")]}
+    new = {"date": "d2", "inputs": {"run_id": "r1"}, "result": {},
+           "command": "python -m bench.run --only ood --protocols loco --folds email,cjk_seed --threads 2",
+           "protocols": [loco(["email", "cjk_seed"], ["a=1"], "d2")]}
+    merged = merge(json.loads(json.dumps(old)), json.loads(json.dumps(new)))
+    got = merged["protocols"][1]
+    # a fold trained again takes its old place, a new one comes last; each says when it was measured
+    assert [(f["fold"], f["measured"]) for f in got["folds"]] == [("zh_sms", "d1"), ("email", "d2"), ("seeded", "d1"),
+                                                                  ("cjk_seed", "d2")]
+    assert [(s["scope"], s["v"]) for s in got["scopes"]] == [
+        ("zh_sms", "d1"), ("zh_sms:lang:ja", "d1"), ("email", "d2"), ("email:lang:ja", "d2"),
+        ("seeded", "d1"), ("seeded:lang:ja", "d1"), ("cjk_seed", "d2"), ("cjk_seed:lang:ja", "d2")]
+    assert merged["command"] == "python -m bench.run --only ood --threads 2"  # every fold, every protocol
+    assert merged["measured_in_parts"]["loco:zh_sms"] == "d1" and merged["measured_in_parts"]["loco:email"] == "d2"
+    # another budget: the old folds are not comparable, the rerun's folds alone are kept
+    other = merge(json.loads(json.dumps(old)), {**json.loads(json.dumps(new)), "protocols": [loco(["email"], ["a=2"])]})
+    assert [f["fold"] for f in other["protocols"][1]["folds"]] == ["email"]
+
+
 def test_ensemble_combines_the_two_logits():
     import numpy as np
 
