@@ -180,11 +180,13 @@ def test_render_shows_every_scope():
 def test_render_names_each_folds_held_out_corpora_and_the_reference_fold():
     proto = {"name": "loco", "scopes": [], "fold_overrides": ["train.max_rows_per_source=500"],
              "folds": [{"fold": "email", "exclude": ["spamassassin", "enron"], "test_rows": 2000, "seconds": 349.4},
-                       {"fold": "seeded", "exclude": [], "test_rows": 642, "seconds": 466.0}]}
+                       {"fold": "seeded", "exclude": [], "test_rows": 642, "seconds": 466.0,
+                        "measured": "2026-12-07 21:05 UTC"}]}
     md = ood.render({"protocols": [proto]})
     assert "Fold budget: `train.max_rows_per_source=500`" in md
     assert "email (without spamassassin, enron, 2,000 rows scored, 349 s)" in md
-    assert "seeded (on every corpus: the reference fold, 642 rows scored, 466 s)" in md
+    # a fold measured apart from the others (make ood --folds seeded, merged) says when
+    assert "seeded (on every corpus: the reference fold, 642 rows scored, 466 s, measured 2026-12-07 21:05 UTC)" in md
 
 
 # ------------------------------------------------------------------------------------------ folds

@@ -590,5 +590,6 @@ def render(result: dict) -> str:
         if proto["name"] == "loco" and proto.get("fold_overrides"):
             parts.append("Fold budget: `" + " ".join(proto["fold_overrides"]) + "`; folds: " + ", ".join(
                 f"{f['fold']} ({_without(f['exclude'])}, {f['test_rows']:,} rows scored, "
-                f"{f['seconds']:.0f} s)" for f in proto.get("folds", [])) + ".")
+                f"{f['seconds']:.0f} s{', measured ' + f['measured'] if f.get('measured') else ''})"
+                for f in proto.get("folds", [])) + ".")
     return "\n\n".join(parts)
