@@ -79,7 +79,7 @@ def _merge_folds(old: dict, new: dict, old_date: str | None, new_date: str | Non
     the same budget (`fold_overrides`): each fold says when it was measured; a fold trained again takes its
     old place."""
     for f in new.get("folds", []):
-        f.setdefault("measured", new_date)
+        f.setdefault("measured", new.get("measured") or new_date)
     fresh = {f["fold"]: f for f in new.get("folds", [])}
     if old.get("fold_overrides") != new.get("fold_overrides") or set(fresh) >= {f["fold"] for f in old.get("folds", [])}:
         return new

@@ -181,7 +181,7 @@ def test_render_names_each_folds_held_out_corpora_and_the_reference_fold():
     proto = {"name": "loco", "scopes": [], "fold_overrides": ["train.max_rows_per_source=500"],
              "folds": [{"fold": "email", "exclude": ["spamassassin", "enron"], "test_rows": 2000, "seconds": 349.4},
                        {"fold": "seeded", "exclude": [], "test_rows": 642, "seconds": 466.0,
-                        "measured": "2026-12-07 21:05 UTC"}]}
+                        "measured": "2026-12-07T21:05:04+00:00"}]}
     md = ood.render({"protocols": [proto]})
     assert "Fold budget: `train.max_rows_per_source=500`" in md
     assert "email (without spamassassin, enron, 2,000 rows scored, 349 s)" in md

@@ -581,6 +581,16 @@ def _without(exclude) -> str:
     return f"without {', '.join(exclude)}" if exclude else "on every corpus: the reference fold"
 
 
+def _when(stamp: str) -> str:
+    """A protocol's "measured" form (2026-12-07 21:05 UTC) of an ISO timestamp; anything else as it is."""
+    try:
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(stamp).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return stamp
+
+
 def render(result: dict) -> str:
     parts = []
     if result.get("model"):
@@ -590,6 +600,6 @@ def render(result: dict) -> str:
         if proto["name"] == "loco" and proto.get("fold_overrides"):
             parts.append("Fold budget: `" + " ".join(proto["fold_overrides"]) + "`; folds: " + ", ".join(
                 f"{f['fold']} ({_without(f['exclude'])}, {f['test_rows']:,} rows scored, "
-                f"{f['seconds']:.0f} s{', measured ' + f['measured'] if f.get('measured') else ''})"
+                f"{f['seconds']:.0f} s{', measured ' + _when(f['measured']) if f.get('measured') else ''})"
                 for f in proto.get("folds", [])) + ".")
     return "\n\n".join(parts)
