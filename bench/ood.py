@@ -53,12 +53,14 @@ def merge(previous: dict, record: dict) -> dict:
     if not same or not record["inputs"].get("run_id"):
         return record
     before = {p["name"]: p for p in previous.get("protocols", [])}
-    record["protocols"] = [_merge_folds(before[p["name"]], p, previous.get("date"), record.get("date"))
-                           if p["name"] == "loco" and "loco" in before else p for p in record["protocols"]]
+    for i, p in enumerate(record["protocols"]):
+        if p["name"] == "loco" and "loco" in before:
+            merged = _merge_folds(before["loco"], p, previous.get("date"), record.get("date"))
+            if len(merged.get("folds", [])) > len(p.get("folds", [])):  # folds kept: the command of them all
+                record["command"] = re.sub(r" --folds \S+", "", record["command"])
+            record["protocols"][i] = merged
     fresh = {p["name"] for p in record["protocols"]}
     kept = [p for p in previous.get("protocols", []) if p["name"] not in fresh]
-    if any(p.pop("folds_merged", False) for p in record["protocols"]):  # the command of every fold at once
-        record["command"] = re.sub(r" --folds \S+", "", record["command"])
     for p in kept:
         p.setdefault("measured", previous.get("date"))
     order = {name: i for i, name in enumerate(("unseen_ham", "eval_sets", "evasion", "loco"))}
@@ -81,16 +83,17 @@ def _merge_folds(old: dict, new: dict, old_date: str | None, new_date: str | Non
     for f in new.get("folds", []):
         f.setdefault("measured", new.get("measured") or new_date)
     fresh = {f["fold"]: f for f in new.get("folds", [])}
-    if old.get("fold_overrides") != new.get("fold_overrides") or set(fresh) >= {f["fold"] for f in old.get("folds", [])}:
+    if (old.get("fold_overrides") != new.get("fold_overrides")
+            or set(fresh) >= {f["fold"] for f in old.get("folds", [])}):
         return new
+    trained = set(fresh)
     folds = [fresh.pop(f["fold"], None) or {**f, "measured": f.get("measured") or old.get("measured") or old_date}
              for f in old.get("folds", [])] + list(fresh.values())
     rank = {f["fold"]: i for i, f in enumerate(folds)}
-    trained = {f["fold"] for f in new.get("folds", [])}
 
     def fold_of(scope: dict) -> str:
         return scope["scope"].split(":", 1)[0]
 
     scopes = [s for s in old.get("scopes", []) if fold_of(s) not in trained] + new.get("scopes", [])
     scopes.sort(key=lambda s: rank.get(fold_of(s), len(rank)))  # stable: a fold's scopes keep their order
-    return {**new, "folds": folds, "scopes": scopes, "folds_merged": True}
+    return {**new, "folds": folds, "scopes": scopes}

@@ -93,11 +93,11 @@ def _pytorch(inputs: Inputs, scopes: list[str], n_rows: int, threads: int) -> tu
             run = MlflowClient().get_run(inputs.run_id)
         except MlflowException:
             run = None
-        logged_threshold = run.data.metrics.get("threshold") if run is not None else None
         scored_at = run.data.tags.get(tracking.SCORED_AT_TAG + "test") if run is not None else None
         if scored_at is not None:
             same_threshold = scored_at == describe(model_policy(inputs.meta))
         else:  # a run logged before the tag: its last global threshold, and whether make threshold ran
+            logged_threshold = run.data.metrics.get("threshold") if run is not None else None
             same_threshold = (logged_threshold is not None and inputs.meta.get("threshold") is not None
                               and abs(logged_threshold - float(inputs.meta["threshold"])) < 1e-9
                               and "spamlingo.rethreshold" not in run.data.tags)
